@@ -1,0 +1,194 @@
+"""The `sluice` command: run the gateway, inspect its queue, check a configuration file.
+
+Run by the operator (or systemd) as the sluice service user:
+
+    sluice run [--config FILE]            start the gateway (appliance.app.run)
+    sluice queue [--config FILE] [--json] list queued messages and per-recipient state
+    sluice config check FILE              validate a configuration file
+    sluice --version
+
+`sluice queue` opens the LMDB queue read-only and may run while `sluice run` is writing
+to it: LMDB readers in other processes see the last committed state and never block the
+writer. Exit status: 0 success, 1 operational failure (e.g. no data directory), 2 bad
+configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from appliance import __version__
+from appliance.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    # Imported here so `sluice queue` and `sluice config check` work without the native
+    # module (and without paying for its import).
+    from appliance.app import run
+
+    return run(config)
+
+
+def _local_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def _queue_rows(config: Config) -> list[dict[str, Any]] | str:
+    """The queue as JSON-ready dicts, or an error message for the operator."""
+    from appliance.queue import Queue
+
+    if not config.data_dir.is_dir():
+        return f"sluice: data directory {config.data_dir} does not exist"
+    try:
+        queue = Queue(config.data_dir, readonly=True)
+    except FileNotFoundError:
+        return []  # the server has not created its queue yet: nothing is queued
+    except Exception as exc:  # lmdb.Error and OSError: permissions, a damaged lock file
+        return f"sluice: cannot open the queue in {config.data_dir}: {exc}"
+    now = time.time()
+    rows = []
+    try:
+        for rec in queue.all():
+            rows.append(
+                {
+                    "qid": rec.qid,
+                    "arrived": _local_time(rec.arrived),
+                    "sender": rec.sender,
+                    "size": rec.size,
+                    "attempts": rec.attempts,
+                    "is_bounce": rec.is_bounce,
+                    "listener": rec.listener,
+                    "peer_ip": rec.peer_ip,
+                    "recipients": [
+                        {
+                            "address": r.address,
+                            "state": r.state,
+                            "attempts": r.attempts,
+                            "next_attempt": (
+                                None
+                                if r.state in ("delivered", "bounced")
+                                else "now"
+                                if rec.next_attempt <= now
+                                else _local_time(rec.next_attempt)
+                            ),
+                            "last_reply": r.last_reply,
+                        }
+                        for r in rec.recipients
+                    ],
+                }
+            )
+    finally:
+        queue.close_sync()
+    return rows
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    rows = _queue_rows(config)
+    if isinstance(rows, str):
+        print(rows, file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not rows:
+        print("queue is empty")
+        return EXIT_OK
+    for row in rows:
+        sender = f"<{row['sender']}>"
+        bounce = "  (bounce)" if row["is_bounce"] else ""
+        print(f"{row['qid']}  {row['arrived']}  {row['size']:>9}  {sender}{bounce}")
+        width = max(len(r["address"]) for r in row["recipients"]) if row["recipients"] else 0
+        for r in row["recipients"]:
+            nxt = r["next_attempt"] or "-"
+            reply = f"  {r['last_reply']}" if r["last_reply"] else ""
+            print(
+                f"    {r['address']:<{width}}  {r['state']:<9}  attempts={r['attempts']}"
+                f"  next={nxt}{reply}"
+            )
+    total = len(rows)
+    print(f"-- {total} message{'s' if total != 1 else ''}")
+    return EXIT_OK
+
+
+def _summary(config: Config) -> list[str]:
+    lines = [f"  hostname: {config.hostname}", f"  data_dir: {config.data_dir}"]
+    for lst in config.listeners:
+        relay = ", ".join(str(n) for n in lst.relay_networks) or "nobody"
+        domains = ", ".join(lst.accepted_domains) or "none"
+        lines.append(
+            f"  listener {lst.name}: {lst.address}; relay for {relay}; accepts for {domains}"
+        )
+    for domain, route in sorted(config.routes.items()):
+        hops = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in route.hosts)
+        lines.append(f"  route {domain} -> {hops}")
+    if "*" not in config.routes:
+        lines.append(f"  route * -> MX lookup (port {config.delivery.mx_port})")
+    if not config.durable:
+        lines.append("  WARNING: durable = false: messages are acknowledged before fsync")
+    return lines
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"{args.file}: ok")
+    print("\n".join(_summary(config)))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice SMTP gateway")
+    parser.add_argument("--version", action="version", version=f"sluice {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p_run = sub.add_parser("run", help="run the gateway")
+    p_run.add_argument("--config", metavar="FILE", help="TOML file (default: built-in)")
+    p_run.set_defaults(func=cmd_run)
+
+    p_queue = sub.add_parser("queue", help="list queued messages")
+    p_queue.add_argument("--config", metavar="FILE", help="TOML file (default: built-in)")
+    p_queue.add_argument("--json", action="store_true", help="print a JSON array")
+    p_queue.set_defaults(func=cmd_queue)
+
+    p_config = sub.add_parser("config", help="configuration tools")
+    config_sub = p_config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    p_check = config_sub.add_parser("check", help="validate a configuration file")
+    p_check.add_argument("file", metavar="FILE")
+    p_check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""Outbound SMTP client: one connection to one next-hop host, many transactions on it.
+
+Used by the delivery scheduler (unprivileged Python process) to hand queued mail to the
+next hop. Follows RFC 5321 (the dialogue, reply syntax in 4.2, client timeouts in
+4.5.3.2, dot-stuffing in 4.5.2), RFC 2920 (command pipelining), RFC 3463 (enhanced status
+codes), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8) and passes RFC 3461
+(DSN) parameters through when the next hop announces DSN.
+
+Why our own client instead of smtplib or aiosmtplib: an MTA needs the outcome of every
+recipient separately (RCPT replies and the DATA reply, kept per recipient), must treat a
+5xx to EHLO *and* HELO as a temporary condition of that host rather than a verdict on the
+mail, must tell "the server never answered this transaction" (safe to retry elsewhere)
+from "the connection broke after the final dot" and must pipeline and pass DSN parameters
+through. Generic client libraries raise on the first failure and hide those distinctions.
+
+Every failure of the connection itself (refused, timeout, 421, dropped, malformed reply)
+becomes a synthetic 4xx outcome for the recipients the server had not yet answered: the
+caller defers them and tries again later, never bounces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from appliance.config import DeliveryConfig
+
+# RFC 5321 4.5.3.1.5 allows 512 octets per reply line; real servers send longer ones
+# (long banners, URLs in rejections), so accept far more but still bound memory.
+_READ_LIMIT = 64 * 1024
+_MAX_REPLY_LINES = 512
+# Most servers accept at least 100 recipients per transaction (RFC 5321 4.5.3.1.8);
+# sending more only collects 452 replies.
+MAX_RCPT_PER_TRANSACTION = 100
+
+# RFC 3463 section 2:  status-code = class "." subject "." detail
+#   class = "2" / "4" / "5";  subject = 1*3digit;  detail = 1*3digit
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)", re.ASCII)
+_FORBIDDEN_IN_COMMAND = re.compile(r"[\r\n\x00]")
+# Lines of the body that begin with "." (RFC 5321 4.5.2); the first line is handled apart.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply (RFC 5321 4.2). `remote` is False when we made it up locally
+    (connection failure, local refusal), so logs never attribute it to the peer."""
+
+    code: int
+    enhanced: str = ""
+    text: str = ""
+    remote: bool = True
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        return " ".join(p for p in (str(self.code), self.enhanced, self.text) if p)
+
+
+def local_reply(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text, remote=False)
+
+
+def parse_reply(lines: Sequence[bytes]) -> Reply:
+    """Parse the lines of one (possibly multi-line) reply.
+
+    RFC 5321 4.2:
+        Reply-line     = *( Reply-code "-" [ textstring ] CRLF )
+                         Reply-code [ SP textstring ] CRLF
+        Reply-code     = %x32-35 %x30-35 %x30-39
+    Raises ValueError on anything else, including a code that changes between lines.
+    """
+    if not lines:
+        raise ValueError("empty reply")
+    code_text = ""
+    texts: list[str] = []
+    enhanced = ""
+    for n, raw in enumerate(lines):
+        line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        head = line[:3]
+        if len(head) != 3 or not head.isascii() or not head.isdigit() or head[0] not in "2345":
+            raise ValueError(f"malformed reply line {line[:80]!r}")
+        sep = line[3:4]
+        last = n == len(lines) - 1
+        if (sep == "-") == last or sep not in ("", " ", "-"):
+            raise ValueError(f"malformed reply line {line[:80]!r}")
+        if code_text and head != code_text:
+            raise ValueError(f"reply code changes inside a reply: {line[:80]!r}")
+        code_text = head
+        text = line[4:].strip()
+        m = _ENHANCED.match(text)
+        if m and m.group(1) == head[0]:
+            enhanced = enhanced or f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            text = text[m.end() :]
+        if text:
+            texts.append(text)
+    return Reply(int(code_text), enhanced, " ".join(texts))
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The DATA payload for `body`, ending with the CRLF.CRLF terminator (RFC 5321 4.5.2).
+
+    Stored bodies already have CRLF line ends; a bare CR or LF that slipped through is
+    normalised to CRLF anyway, because relaying one would let a lenient next hop see a
+    message end we never meant (SMTP smuggling).
+    """
+    if body.count(b"\n") != body.count(b"\r\n") or body.count(b"\r") != body.count(b"\r\n"):
+        body = _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b"\r\n", body))
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Client timeouts in seconds (RFC 5321 4.5.3.2: 5 minutes per command, 10 minutes
+    for the reply to the final dot; sending the body is bounded by `data` too)."""
+
+    connect: float = 30.0
+    command: float = 300.0
+    data: float = 600.0
+
+    @classmethod
+    def from_config(cls, delivery: DeliveryConfig) -> Timeouts:
+        return cls(delivery.connect_timeout, delivery.command_timeout, delivery.data_timeout)
+
+
+class SmtpConnectError(Exception):
+    """The host could not be used for mail at all (TCP, greeting, EHLO/HELO); always
+    temporary for the mail: the caller tries the next host or defers."""
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply or local_reply(451, "4.4.1", message)
+
+
+class _SessionLost(Exception):
+    """The connection is unusable; `reply` is what unanswered recipients get."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass
+class DeliveryResult:
+    """Outcome of one transaction. `recipients[i]` is the final reply for recipient i:
+    its RCPT reply if that was not positive, else the DATA reply (or the reply to the
+    final dot); a local 4xx when the session broke before the server answered."""
+
+    recipients: list[Reply]
+    mail: Reply | None = None
+    rcpt: list[Reply | None] = field(default_factory=list)
+    data: Reply | None = None
+    session_lost: bool = False
+    # True when the server said nothing about this transaction before the connection
+    # failed: re-sending it on a fresh connection cannot duplicate the message.
+    unanswered: bool = False
+
+
+def _esmtp_param(keyword: str, value: str | None) -> str | None:
+    """Render one ESMTP parameter, or None if it cannot be sent safely."""
+    text = keyword if value is None else f"{keyword}={value}"
+    if not text.isascii() or any(c.isspace() or c in "<>" or ord(c) < 32 for c in text):
+        return None
+    return text
+
+
+class SmtpConnection:
+    """One client connection. Use: `await connect(...)`, then `send(...)` repeatedly
+    while `usable`, then `quit()`."""
+
+    def __init__(self) -> None:
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._timeouts = Timeouts()
+        self.host = ""
+        self.port = 0
+        self.greeting: Reply | None = None
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.messages = 0
+        self._last_lines: list[str] = []
+        # A transaction was opened (MAIL accepted) and not finished by a final reply.
+        self._dirty = False
+
+    # -- connection ----------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self._writer is not None
+            and self._reader is not None
+            and not self._writer.is_closing()
+            and not self._reader.at_eof()
+        )
+
+    async def connect(self, host: str, port: int, helo_name: str, timeouts: Timeouts) -> Reply:
+        """Open the TCP connection, read the greeting, say EHLO (HELO if EHLO gets 5xx).
+
+        Raises SmtpConnectError for anything that makes this host unusable now: refused,
+        timeout, a greeting other than 220, or a refusal of both EHLO and HELO (a 5xx to
+        the greeting commands says nothing about our mail, so it is not a bounce).
+        """
+        if not helo_name or _FORBIDDEN_IN_COMMAND.search(helo_name) or " " in helo_name:
+            raise ValueError(f"invalid HELO name {helo_name!r}")
+        self.host, self.port, self._timeouts = host, port, timeouts
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                self._reader, self._writer = await asyncio.open_connection(
+                    host, port, limit=_READ_LIMIT
+                )
+        except TimeoutError:
+            raise SmtpConnectError(f"connect to {where} timed out") from None
+        except OSError as exc:
+            raise SmtpConnectError(f"connect to {where} failed: {exc.strerror or exc}") from None
+        try:
+            self.greeting = await self._read_reply(timeouts.command)
+            if self.greeting.code != 220:
+                raise SmtpConnectError(
+                    f"{where} greeted with {self.greeting}", self._as_transient(self.greeting)
+                )
+            reply = await self._command(f"EHLO {helo_name}", timeouts.command)
+            if reply.positive:
+                self.esmtp = True
+                self.extensions = self._parse_ehlo(reply)
+                return self.greeting
+            if reply.permanent:
+                # RFC 5321 3.2: an old server that does not know EHLO answers 5xx.
+                reply = await self._command(f"HELO {helo_name}", timeouts.command)
+                if reply.positive:
+                    return self.greeting
+            raise SmtpConnectError(f"{where} refused HELO/EHLO: {reply}", self._as_transient(reply))
+        except _SessionLost as exc:
+            self.close()
+            raise SmtpConnectError(f"{where}: {exc.reply.text}", exc.reply) from None
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _as_transient(reply: Reply) -> Reply:
+        """A connection-stage refusal defers the mail; keep the peer's words but not 5xx."""
+        if reply.transient:
+            return reply
+        return Reply(451, "4.4.0", f"(host said: {reply})", remote=False)
+
+    def _parse_ehlo(self, reply: Reply) -> dict[str, str]:
+        # RFC 5321 4.1.1.1: the first line greets, each further line names an extension.
+        extensions: dict[str, str] = {}
+        for line in self._last_lines[1:]:
+            words = line[4:].strip().split(None, 1)
+            if words:
+                extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
+        return extensions
+
+    async def quit(self) -> None:
+        """Say QUIT politely (short wait for the reply), then close."""
+        if self.usable:
+            try:
+                await self._command("QUIT", min(self._timeouts.command, 10.0))
+            except _SessionLost:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._reader = None
+
+    # -- mail transaction ------------------------------------------------------------------
+
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        mail_params: Sequence[tuple[str, str | None]] = (),
+        rcpt_params: Sequence[Sequence[tuple[str, str | None]]] | None = None,
+    ) -> DeliveryResult:
+        """Run one mail transaction and return the outcome for every recipient.
+
+        `body` is the message as stored: dot-unstuffed, CRLF line ends. Never raises for
+        the peer's behaviour; a broken session shows up in the result.
+        """
+        count = len(recipients)
+        outcome: list[Reply | None] = [None] * count
+        if _FORBIDDEN_IN_COMMAND.search(sender) or any(c in sender for c in "<>"):
+            bad = local_reply(553, "5.1.7", "sender address contains forbidden characters")
+            return DeliveryResult([bad] * count)
+        needs_utf8 = not sender.isascii()
+        if needs_utf8 and "SMTPUTF8" not in self.extensions:
+            bad = local_reply(553, "5.6.7", "next hop does not support SMTPUTF8 (sender)")
+            return DeliveryResult([bad] * count)
+        for i, rcpt in enumerate(recipients):
+            if _FORBIDDEN_IN_COMMAND.search(rcpt) or any(c in rcpt for c in "<>") or not rcpt:
+                outcome[i] = local_reply(553, "5.1.3", "recipient address has forbidden characters")
+            elif not rcpt.isascii():
+                if "SMTPUTF8" in self.extensions:
+                    needs_utf8 = True
+                else:
+                    outcome[i] = local_reply(553, "5.6.7", "next hop does not support SMTPUTF8")
+        payload = dot_stuff(body)
+        size_limit = self.extensions.get("SIZE", "")
+        if size_limit.isdigit() and 0 < int(size_limit) < len(body):
+            # RFC 1870: the server told us its fixed maximum; trying cannot succeed.
+            too_big = local_reply(552, "5.3.4", f"message size exceeds next hop limit {size_limit}")
+            return DeliveryResult([o or too_big for o in outcome])
+        wanted = [i for i in range(count) if outcome[i] is None]
+        if not wanted:
+            return DeliveryResult([o for o in outcome if o is not None])
+
+        mail_cmd = f"MAIL FROM:<{sender}>" + self._mail_params(mail_params, len(body), needs_utf8)
+        rcpt_cmds = [
+            f"RCPT TO:<{recipients[i]}>"
+            + self._rcpt_params(rcpt_params[i] if rcpt_params is not None else ())
+            for i in wanted
+        ]
+        result = DeliveryResult([], rcpt=[None] * count)
+        t = self._timeouts
+        try:
+            if self._dirty:
+                reset = await self._command("RSET", t.command)
+                if not reset.positive:
+                    raise _SessionLost(local_reply(451, "4.4.0", f"RSET refused: {reset}"))
+                self._dirty = False
+            data: Reply | None = None
+            if "PIPELINING" in self.extensions:
+                # RFC 2920 3.1: MAIL, every RCPT and DATA go in one write; the replies come
+                # back in order. DATA is the last command of the group.
+                batch = [mail_cmd, *rcpt_cmds, "DATA"]
+                await self._write(("\r\n".join(batch) + "\r\n").encode(), t.command)
+                result.mail = await self._read_reply(t.command)
+                for i in wanted:
+                    result.rcpt[i] = await self._read_reply(t.command)
+                data = await self._read_reply(t.command)
+                self._dirty = result.mail.positive
+                accepted = result.mail.positive and any(
+                    r is not None and r.positive for r in result.rcpt
+                )
+                if data.code == 354 and not accepted:
+                    # Server wants a body although nobody will get it: end it empty.
+                    await self._write(b".\r\n", t.data)
+                    await self._read_reply(t.data)
+                    data = local_reply(554, "5.5.0", "no valid recipients")
+            else:
+                result.mail = await self._command(mail_cmd, t.command)
+                if result.mail.positive:
+                    self._dirty = True
+                    for i, cmd in zip(wanted, rcpt_cmds, strict=True):
+                        result.rcpt[i] = await self._command(cmd, t.command)
+                    if any(r is not None and r.positive for r in result.rcpt):
+                        data = await self._command("DATA", t.command)
+            if data is not None and data.code == 354:
+                await self._write(payload, t.data)
+                data = await self._read_reply(t.data)
+                self._dirty = False
+                self.messages += 1
+            result.data = data
+        except _SessionLost as exc:
+            result.session_lost = True
+            result.unanswered = result.mail is None
+            self.close()
+            lost = exc.reply
+            result.data = None
+            for i in wanted:
+                outcome[i] = self._final(result.mail, result.rcpt[i], None, lost)
+            result.recipients = [o or lost for o in outcome]
+            return result
+        never = local_reply(451, "4.3.0", "transaction ended without a reply for recipient")
+        for i in wanted:
+            outcome[i] = self._final(result.mail, result.rcpt[i], result.data, never)
+        result.recipients = [o or never for o in outcome]
+        return result
+
+    @staticmethod
+    def _final(
+        mail: Reply | None, rcpt: Reply | None, data: Reply | None, fallback: Reply
+    ) -> Reply:
+        if mail is not None and not mail.positive:
+            return mail
+        if rcpt is not None and not rcpt.positive:
+            return rcpt
+        if mail is None or rcpt is None or data is None:
+            return fallback
+        return data
+
+    def _mail_params(self, params: Sequence[tuple[str, str | None]], size: int, utf8: bool) -> str:
+        out: list[str] = []
+        ext = self.extensions
+        if "SIZE" in ext:
+            out.append(f"SIZE={size}")
+        for key, value in params:
+            k = key.upper()
+            allowed = (
+                k == "BODY" and "8BITMIME" in ext and (value or "").upper() == "8BITMIME"
+            ) or (k in ("RET", "ENVID") and "DSN" in ext)
+            if allowed and (text := _esmtp_param(k, value)) is not None:
+                out.append(text)
+        if utf8:
+            out.append("SMTPUTF8")
+        return "".join(" " + p for p in out)
+
+    def _rcpt_params(self, params: Sequence[tuple[str, str | None]]) -> str:
+        if "DSN" not in self.extensions:
+            return ""
+        out = [
+            text
+            for key, value in params
+            if key.upper() in ("NOTIFY", "ORCPT")
+            and (text := _esmtp_param(key.upper(), value)) is not None
+        ]
+        return "".join(" " + p for p in out)
+
+    # -- wire ------------------------------------------------------------------------------
+
+    async def _command(self, line: str, seconds: float) -> Reply:
+        await self._write(line.encode("utf-8") + b"\r\n", seconds)
+        return await self._read_reply(seconds)
+
+    async def _write(self, data: bytes, seconds: float) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+        try:
+            writer.write(data)
+            async with asyncio.timeout(seconds):
+                await writer.drain()
+        except TimeoutError:
+            raise _SessionLost(local_reply(451, "4.4.2", "timeout sending to next hop")) from None
+        except OSError as exc:
+            raise _SessionLost(
+                local_reply(451, "4.4.2", f"connection lost: {exc.strerror or exc}")
+            ) from None
+
+    async def _read_reply(self, seconds: float) -> Reply:
+        reader = self._reader
+        if reader is None:
+            raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+        raw: list[bytes] = []
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    line = await reader.readline()
+                    if not line.endswith(b"\n"):
+                        raise _SessionLost(
+                            local_reply(451, "4.4.2", "connection closed by next hop")
+                        )
+                    raw.append(line)
+                    if line[3:4] != b"-" or len(raw) >= _MAX_REPLY_LINES:
+                        break
+        except TimeoutError:
+            raise _SessionLost(
+                local_reply(451, "4.4.2", "timeout waiting for next hop reply")
+            ) from None
+        except (OSError, ValueError) as exc:
+            # ValueError: a reply line longer than the stream limit.
+            raise _SessionLost(local_reply(451, "4.4.2", f"connection lost: {exc}")) from None
+        try:
+            reply = parse_reply(raw)
+        except ValueError as exc:
+            raise _SessionLost(local_reply(451, "4.5.0", f"protocol error: {exc}")) from None
+        self._last_lines = [r.rstrip(b"\r\n").decode("utf-8", "replace") for r in raw]
+        if reply.code == 421:
+            # RFC 5321 3.8: the server is closing the channel; everything after is lost.
+            raise _SessionLost(reply)
+        return reply

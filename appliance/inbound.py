@@ -1,0 +1,205 @@
+"""Inbound: the Python half of the listener bridge.
+
+The Rust listener (`appliance._native.Server`) owns the sockets and the SMTP dialog; it
+asks Python only at policy points. Its eventfd becomes readable when questions are
+waiting; `Inbound` drains them all in one call, answers what it can at once, and sends
+the answers back in one call. Questions that must wait (a message waiting for its group
+commit, an asynchronous policy lookup) are answered in a later batch, as they finish.
+
+A complete message (`kind == "data"`) goes through `MessageAcceptor`: loop check,
+Received: header, a queue record, and the durable group commit. Only when that commit is
+on disk does the client get its 250 with the queue id (the queue's durability rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from appliance import trace
+from appliance.eventlog import log_event
+from appliance.policy import Policy, PolicyResult, Verdict
+from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
+
+if TYPE_CHECKING:
+    from appliance._native import Request, Server
+    from appliance.config import Config
+
+LOOP_DETECTED = Verdict(554, "5.4.6", "mail loop detected: too many Received: headers")
+QUEUE_FAILED = Verdict(451, "4.3.0", "temporary queue failure, try again later")
+
+
+class MessageAcceptor:
+    """Turns a complete message into a durable queue entry and answers with its queue id."""
+
+    def __init__(self, config: Config, queue: Queue, on_queued: Callable[[], None]) -> None:
+        self._config = config
+        self._queue = queue
+        self._on_queued = on_queued
+
+    def accept(self, request: Request) -> PolicyResult:
+        body = request.body
+        if trace.is_loop(body):
+            log_event(
+                "reject",
+                reason="loop",
+                peer=request.peer_ip,
+                sender=request.sender,
+                received=trace.count_received(body),
+            )
+            return LOOP_DETECTED
+        return self._commit(request, body)
+
+    async def _commit(self, request: Request, body: bytes) -> Verdict:
+        now = time.time()
+        qid = new_queue_id()
+        recipients = [self._local_postmaster(r) for r in request.recipients]
+        header = trace.received_header(
+            helo=request.helo,
+            peer_ip=request.peer_ip,
+            hostname=self._config.hostname,
+            esmtp=request.esmtp,
+            qid=qid,
+            recipients=recipients,
+            now=now,
+        )
+        stored = header + body
+        record = MessageRecord(
+            qid=qid,
+            arrived=now,
+            sender=request.sender,
+            mail_params=list(request.mail_params),
+            recipients=[
+                RecipientRecord(address=address, params=list(params))
+                for address, params in zip(recipients, request.rcpt_params, strict=True)
+            ],
+            size=len(stored),
+            peer_ip=request.peer_ip,
+            helo=request.helo or "",
+            listener=request.listener,
+            next_attempt=now,
+        )
+        try:
+            await self._queue.submit(record, stored)
+        except Exception as exc:  # the disk said no: the client must keep the message
+            log_event("queue_error", qid=qid, error=repr(exc))
+            return QUEUE_FAILED
+        log_event(
+            "accepted",
+            qid=qid,
+            peer=request.peer_ip,
+            helo=request.helo,
+            sender=request.sender,
+            recipients=recipients,
+            size=len(stored),
+            listener=request.listener,
+        )
+        self._on_queued()
+        return Verdict(250, "2.0.0", f"Ok: queued as {qid}")
+
+    def _local_postmaster(self, address: str) -> str:
+        # <Postmaster> with no domain (RFC 5321 4.5.1) means this host's postmaster.
+        if "@" in address:
+            return address
+        return self._config.postmaster or f"postmaster@{self._config.hostname}"
+
+
+class Inbound:
+    """Drains the listener's questions, asks policy, and returns verdicts in batches."""
+
+    def __init__(
+        self,
+        server: Server,
+        policy: Policy,
+        acceptor: MessageAcceptor,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._server = server
+        self._policy = policy
+        self._acceptor = acceptor
+        self._loop = loop
+        self._ready: list[tuple[int, int, str, str]] = []
+        self._flush_scheduled = False
+        self._waiting: set[asyncio.Task[Verdict]] = set()
+        self._handlers: dict[str, Callable[[Request], PolicyResult]] = {
+            "connect": self._on_connect,
+            "mail": policy.on_mail,
+            "rcpt": policy.on_rcpt,
+            "data": acceptor.accept,
+        }
+
+    def start(self) -> None:
+        self._loop.add_reader(self._server.fileno(), self._on_readable)
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self._server.fileno())
+
+    @property
+    def in_flight(self) -> int:
+        """Questions still being decided (messages waiting for their commit, lookups)."""
+        return len(self._waiting)
+
+    async def drain(self, grace: float) -> None:
+        """Wait until every question already asked has been answered, or `grace` seconds."""
+        deadline = self._loop.time() + grace
+        while self._waiting and self._loop.time() < deadline:
+            await asyncio.wait(set(self._waiting), timeout=deadline - self._loop.time())
+        self._flush()
+
+    def _on_connect(self, request: Request) -> PolicyResult:
+        log_event(
+            "connect",
+            session=request.session,
+            peer=request.peer_ip,
+            port=request.peer_port,
+            listener=request.listener,
+        )
+        return self._policy.on_connect(request)
+
+    def _on_readable(self) -> None:
+        for request in self._server.take_requests():
+            try:
+                result = self._handlers[request.kind](request)
+            except Exception as exc:  # a policy bug must not hang the client
+                log_event("policy_error", kind=request.kind, error=repr(exc))
+                result = Verdict(451, "4.3.0", "temporary local problem, try again later")
+            if isinstance(result, Verdict):
+                self._ready.append((request.id, result.code, result.enhanced, result.text))
+            else:
+                self._wait_for(request.id, result)
+        self._flush()
+
+    def _wait_for(self, request_id: int, pending: Awaitable[Verdict]) -> None:
+        coroutine = pending if inspect.iscoroutine(pending) else _awaited(pending)
+        task = self._loop.create_task(coroutine)
+        self._waiting.add(task)
+
+        def finished(done: asyncio.Task[Verdict]) -> None:
+            self._waiting.discard(task)
+            if done.cancelled():
+                verdict = Verdict(421, "4.3.2", "service shutting down")
+            elif (exc := done.exception()) is not None:
+                log_event("policy_error", error=repr(exc))
+                verdict = Verdict(451, "4.3.0", "temporary local problem, try again later")
+            else:
+                verdict = done.result()
+            self._ready.append((request_id, verdict.code, verdict.enhanced, verdict.text))
+            # Answers that finish in the same loop iteration go back in one call.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+
+        task.add_done_callback(finished)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._ready:
+            ready, self._ready = self._ready, []
+            self._server.answer(ready)
+
+
+async def _awaited(pending: Awaitable[Verdict]) -> Verdict:
+    return await pending

@@ -1,0 +1,807 @@
+//! Dialog tests for the server session: golden transcripts, byte-level smuggling cases,
+//! limits and sequencing. Every dialog is run by `transcript`, which feeds the input in
+//! one chunk, one byte at a time and (for short inputs) split in two at every offset, and
+//! requires the same transcript from each.
+
+use smtp_proto::{
+    AddressMode, BareLinefeedPolicy, Path, Query, Reply, ServerConfig, ServerSession, Step,
+};
+
+type Policy<'a> = &'a dyn Fn(&Query) -> Reply;
+
+/// Accepts everything, with the replies a real policy would give.
+fn accept(q: &Query) -> Reply {
+    match q {
+        Query::Mail { .. } => Reply::new(250, "2.1.0", "Sender OK"),
+        Query::Rcpt { .. } => Reply::new(250, "2.1.5", "Recipient OK"),
+        Query::Message(_) => Reply::new(250, "2.0.0", "Queued"),
+    }
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        hostname: "mx.example.net".to_string(),
+        ..ServerConfig::default()
+    }
+}
+
+fn params_text(params: &[(String, Option<String>)]) -> String {
+    params
+        .iter()
+        .map(|(k, v)| match v {
+            Some(v) => format!(" {k}={v}"),
+            None => format!(" {k}"),
+        })
+        .collect()
+}
+
+/// One line per Ask, in the byte stream where it happened.
+fn describe(q: &Query) -> String {
+    match q {
+        Query::Mail {
+            reverse_path,
+            params,
+        } => format!("?MAIL <{reverse_path}>{}\n", params_text(params)),
+        Query::Rcpt {
+            forward_path,
+            params,
+        } => format!("?RCPT <{forward_path}>{}\n", params_text(params)),
+        Query::Message(env) => {
+            let rcpts: Vec<String> = env
+                .recipients
+                .iter()
+                .map(|(p, _)| format!("<{p}>"))
+                .collect();
+            format!(
+                "?MESSAGE helo={:?} from=<{}>{} to={} body={:?}\n",
+                env.helo.as_deref().unwrap_or(""),
+                env.reverse_path,
+                params_text(&env.mail_params),
+                rcpts.join(","),
+                String::from_utf8_lossy(&env.body)
+            )
+        }
+    }
+}
+
+/// Drives a session over `chunks`; returns the transcript (reply bytes, Ask lines, and
+/// "(close)") and checks that buffered input stays bounded outside an Ask.
+fn drive(config: &ServerConfig, chunks: &[&[u8]], policy: Policy) -> String {
+    let mut s = ServerSession::new(config.clone());
+    let mut t = String::new();
+    let bound = config.max_line_length + chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+    for chunk in chunks {
+        s.receive(chunk);
+        loop {
+            match s.step() {
+                Step::Write(b) => t.push_str(&String::from_utf8_lossy(&b)),
+                Step::Ask(q) => {
+                    t.push_str(&describe(&q));
+                    // While the Ask is open nothing moves and nothing is consumed.
+                    let held = s.buffered();
+                    assert!(matches!(s.step(), Step::NeedInput));
+                    assert_eq!(s.buffered(), held);
+                    s.answer(policy(&q));
+                }
+                Step::Close => {
+                    t.push_str("(close)\n");
+                    return t;
+                }
+                Step::NeedInput => break,
+            }
+        }
+        assert!(s.buffered() <= bound, "buffered {} > {bound}", s.buffered());
+    }
+    t
+}
+
+/// The transcript of `input`, identical however the input is split.
+fn transcript_with(config: &ServerConfig, input: &[u8], policy: Policy) -> String {
+    let whole = drive(config, &[input], policy);
+    let bytes: Vec<&[u8]> = input.chunks(1).collect();
+    assert_eq!(whole, drive(config, &bytes, policy), "byte at a time differs");
+    if input.len() <= 600 {
+        for cut in 1..input.len() {
+            let (a, b) = input.split_at(cut);
+            assert_eq!(whole, drive(config, &[a, b], policy), "split at {cut} differs");
+        }
+    }
+    whole
+}
+
+fn transcript(input: &[u8]) -> String {
+    transcript_with(&config(), input, &accept)
+}
+
+/// Replies only (no Ask lines), for tests that look at codes.
+fn codes(t: &str) -> Vec<&str> {
+    t.lines()
+        .filter(|l| !l.starts_with('?') && !l.starts_with('('))
+        .map(|l| l.get(..3).unwrap_or(l))
+        .collect()
+}
+
+#[test]
+fn greeting() {
+    let s = ServerSession::new(config());
+    assert_eq!(
+        s.greeting().to_bytes(),
+        b"220 mx.example.net ESMTP Sluice\r\n".to_vec()
+    );
+}
+
+#[test]
+fn golden_esmtp_session() {
+    let t = transcript(
+        b"EHLO client.example.org\r\n\
+          MAIL FROM:<alice@example.org> SIZE=100 BODY=8BITMIME\r\n\
+          RCPT TO:<bob@example.com>\r\n\
+          RCPT TO:<carol@example.com>\r\n\
+          DATA\r\n\
+          Subject: hi\r\n\
+          \r\n\
+          Hello.\r\n\
+          .\r\n\
+          QUIT\r\n",
+    );
+    assert_eq!(
+        t,
+        "250-mx.example.net\r\n\
+         250-PIPELINING\r\n\
+         250-SIZE 10485760\r\n\
+         250-8BITMIME\r\n\
+         250 ENHANCEDSTATUSCODES\r\n\
+         ?MAIL <alice@example.org> SIZE=100 BODY=8BITMIME\n\
+         250 2.1.0 Sender OK\r\n\
+         ?RCPT <bob@example.com>\n\
+         250 2.1.5 Recipient OK\r\n\
+         ?RCPT <carol@example.com>\n\
+         250 2.1.5 Recipient OK\r\n\
+         354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+         ?MESSAGE helo=\"client.example.org\" from=<alice@example.org> SIZE=100 BODY=8BITMIME \
+         to=<bob@example.com>,<carol@example.com> body=\"Subject: hi\\r\\n\\r\\nHello.\\r\\n\"\n\
+         250 2.0.0 Queued\r\n\
+         221 2.0.0 mx.example.net closing connection\r\n\
+         (close)\n"
+    );
+}
+
+#[test]
+fn ehlo_advertises_only_what_works() {
+    let t = transcript(b"EHLO x\r\n");
+    for absent in ["STARTTLS", "AUTH", "CHUNKING", "DSN", "SMTPUTF8"] {
+        assert!(!t.contains(absent), "{absent} advertised");
+    }
+    let cfg = ServerConfig {
+        max_message_size: 12345,
+        ..config()
+    };
+    assert!(transcript_with(&cfg, b"EHLO x\r\n", &accept).contains("250-SIZE 12345\r\n"));
+}
+
+#[test]
+fn golden_helo_session_several_messages() {
+    let t = transcript(
+        b"HELO client\r\n\
+          MAIL FROM:<a@example.org>\r\n\
+          RCPT TO:<b@example.com>\r\n\
+          DATA\r\n\
+          one\r\n\
+          .\r\n\
+          MAIL FROM:<>\r\n\
+          RCPT TO:<c@example.com>\r\n\
+          DATA\r\n\
+          two\r\n\
+          .\r\n",
+    );
+    assert_eq!(
+        t,
+        "250 mx.example.net\r\n\
+         ?MAIL <a@example.org>\n\
+         250 2.1.0 Sender OK\r\n\
+         ?RCPT <b@example.com>\n\
+         250 2.1.5 Recipient OK\r\n\
+         354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+         ?MESSAGE helo=\"client\" from=<a@example.org> to=<b@example.com> body=\"one\\r\\n\"\n\
+         250 2.0.0 Queued\r\n\
+         ?MAIL <>\n\
+         250 2.1.0 Sender OK\r\n\
+         ?RCPT <c@example.com>\n\
+         250 2.1.5 Recipient OK\r\n\
+         354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+         ?MESSAGE helo=\"client\" from=<> to=<c@example.com> body=\"two\\r\\n\"\n\
+         250 2.0.0 Queued\r\n"
+    );
+}
+
+#[test]
+fn helo_not_required_by_default() {
+    let t = transcript(b"MAIL FROM:<a@example.org>\r\n");
+    assert_eq!(t, "?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n");
+}
+
+#[test]
+fn helo_required_when_configured() {
+    let cfg = ServerConfig {
+        require_helo: true,
+        ..config()
+    };
+    let t = transcript_with(
+        &cfg,
+        b"MAIL FROM:<a@example.org>\r\nHELO x\r\nMAIL FROM:<a@example.org>\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        "503 5.5.1 Send HELO or EHLO first\r\n\
+         250 mx.example.net\r\n\
+         ?MAIL <a@example.org>\n\
+         250 2.1.0 Sender OK\r\n"
+    );
+}
+
+#[test]
+fn helo_and_ehlo_need_a_name() {
+    let t = transcript(b"HELO\r\nEHLO \r\nEHLO a\x01b\r\n");
+    assert_eq!(
+        t,
+        "501 Syntax: HELO hostname\r\n501 Syntax: EHLO hostname\r\n501 Syntax: EHLO hostname\r\n"
+    );
+}
+
+#[test]
+fn bare_lf_ends_command_by_default() {
+    let t = transcript(b"NOOP\nRSET\r\nQUIT\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 OK\r\n250 2.0.0 OK\r\n221 2.0.0 mx.example.net closing connection\r\n(close)\n"
+    );
+}
+
+#[test]
+fn bare_lf_does_not_end_command_when_configured() {
+    let cfg = ServerConfig {
+        bare_lf_ends_command: false,
+        ..config()
+    };
+    let t = transcript_with(&cfg, b"NOOP\nQUIT\r\nNOOP\r\n", &accept);
+    assert_eq!(t, "500 5.5.2 Bare CR or LF in command line\r\n250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn over_long_line_is_refused_and_stream_resyncs() {
+    let mut input = b"NOOP ".to_vec();
+    input.extend(std::iter::repeat(b'x').take(10_000));
+    input.extend_from_slice(b"\r\nNOOP\r\n");
+    let t = transcript(&input);
+    assert_eq!(t, "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn line_length_limit_counts_the_crlf() {
+    let cfg = ServerConfig {
+        max_line_length: 10,
+        ..config()
+    };
+    // "NOOP 1234\r\n" is 11 octets; "NOOP 123\r\n" is 10.
+    let t = transcript_with(&cfg, b"NOOP 123\r\nNOOP 1234\r\nNOOP\r\n", &accept);
+    assert_eq!(t, "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+    // With a bare LF ending the line, "NOOP 1234\n" is 10.
+    let t = transcript_with(&cfg, b"NOOP 1234\nNOOP 12345\nNOOP\n", &accept);
+    assert_eq!(t, "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn over_long_line_keeps_memory_bounded() {
+    let mut s = ServerSession::new(config());
+    let chunk = vec![b'a'; 1000];
+    for _ in 0..1000 {
+        s.receive(&chunk);
+        while let Step::Write(_) = s.step() {}
+        assert!(s.buffered() <= 4096 + 1000);
+    }
+    s.receive(b"\r\nNOOP\r\n");
+    match s.step() {
+        Step::Write(b) => assert_eq!(b, b"250 2.0.0 OK\r\n"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn commands_and_keywords_are_case_insensitive() {
+    let t = transcript(
+        b"ehlo x\r\nmail from:<a@example.org> size=10 body=8bitmime\r\n\
+          Rcpt To:<b@example.com>\r\ndata\r\n.\r\nnoop\r\nrSeT\r\nvrfy x\r\nquit\r\n",
+    );
+    assert!(t.contains("?MAIL <a@example.org> SIZE=10 BODY=8bitmime\n"));
+    assert!(t.contains("?RCPT <b@example.com>\n"));
+    assert!(t.contains("?MESSAGE "));
+    assert!(t.ends_with("250 2.0.0 OK\r\n250 2.0.0 OK\r\n252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n221 2.0.0 mx.example.net closing connection\r\n(close)\n"));
+}
+
+#[test]
+fn ehlo_mid_transaction_resets_it() {
+    let t = transcript(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nEHLO again\r\nDATA\r\n\
+          RCPT TO:<b@example.com>\r\nMAIL FROM:<c@example.org>\r\n",
+    );
+    assert_eq!(
+        codes(&t),
+        ["250", "250", "250", "250", "250", "250", "250", "503", "503", "250"]
+    );
+    assert!(t.contains("503 5.5.1 Need MAIL command\r\n503 5.5.1 Need MAIL before RCPT\r\n"));
+}
+
+#[test]
+fn rset_clears_envelope_but_keeps_greeting() {
+    let cfg = ServerConfig {
+        require_helo: true,
+        ..config()
+    };
+    let t = transcript_with(
+        &cfg,
+        b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nRSET\r\n\
+          DATA\r\nMAIL FROM:<c@example.org>\r\nRSET now\r\n",
+        &accept,
+    );
+    assert!(t.ends_with(
+        "250 2.0.0 OK\r\n503 5.5.1 Need MAIL command\r\n?MAIL <c@example.org>\n\
+         250 2.1.0 Sender OK\r\n501 5.5.4 Syntax: RSET\r\n"
+    ));
+}
+
+#[test]
+fn noop_changes_nothing() {
+    let t = transcript(
+        b"MAIL FROM:<a@example.org>\r\nNOOP\r\nRCPT TO:<b@example.com>\r\nNOOP hello\r\nDATA\r\nx\r\n.\r\n",
+    );
+    assert!(t.contains("?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"x\\r\\n\""));
+}
+
+#[test]
+fn vrfy_expn_help() {
+    let t = transcript(b"VRFY root\r\nEXPN staff\r\nVRFY\r\nHELP\r\n");
+    assert_eq!(
+        t,
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n\
+         252 2.5.0 Cannot EXPN list, but will accept message and attempt delivery\r\n\
+         501 5.5.4 Argument required\r\n\
+         214-2.0.0 Sluice SMTP server\r\n\
+         214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP\r\n\
+         214 2.0.0 See RFC 5321\r\n"
+    );
+}
+
+#[test]
+fn unknown_and_unimplemented_commands() {
+    let t = transcript(b"FOO\r\nSTARTTLS\r\nAUTH PLAIN x\r\nBDAT 10 LAST\r\n\r\n");
+    assert_eq!(
+        t,
+        "500 5.5.2 Command unrecognized\r\n\
+         502 5.5.1 Command not implemented\r\n\
+         502 5.5.1 Command not implemented\r\n\
+         502 5.5.1 Command not implemented\r\n\
+         500 5.5.2 Command unrecognized\r\n"
+    );
+}
+
+#[test]
+fn mail_size_parameter() {
+    let cfg = ServerConfig {
+        max_message_size: 1000,
+        ..config()
+    };
+    let t = transcript_with(
+        &cfg,
+        b"MAIL FROM:<a@example.org> SIZE=1001\r\n\
+          MAIL FROM:<a@example.org> SIZE=99999999999999999999999999999\r\n\
+          MAIL FROM:<a@example.org> SIZE=x\r\n\
+          MAIL FROM:<a@example.org> SIZE\r\n\
+          MAIL FROM:<a@example.org> SIZE=1000\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n\
+         552 5.3.4 Message size exceeds fixed maximum message size\r\n\
+         501 5.5.4 Syntax: SIZE=<number>\r\n\
+         501 5.5.4 Syntax: SIZE=<number>\r\n\
+         ?MAIL <a@example.org> SIZE=1000\n\
+         250 2.1.0 Sender OK\r\n"
+    );
+}
+
+#[test]
+fn mail_body_and_unknown_parameters() {
+    let t = transcript(
+        b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\n\
+          MAIL FROM:<a@example.org> SMTPUTF8\r\n\
+          MAIL FROM:<a@example.org> RET=HDRS\r\n\
+          MAIL FROM:<a@example.org> BODY=7BIT BODY=7BIT\r\n\
+          MAIL FROM:<a@example.org> =x\r\n\
+          MAIL FROM:<a@example.org> BODY=7BIT\r\n\
+          RCPT TO:<b@example.com> NOTIFY=NEVER\r\n\
+          RCPT TO:<b@example.com>  \r\n",
+    );
+    assert_eq!(
+        t,
+        "501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME\r\n\
+         555 5.5.4 Unsupported MAIL parameter SMTPUTF8\r\n\
+         555 5.5.4 Unsupported MAIL parameter RET\r\n\
+         501 5.5.4 Duplicate parameter BODY\r\n\
+         501 5.5.4 Syntax error in parameters\r\n\
+         ?MAIL <a@example.org> BODY=7BIT\n\
+         250 2.1.0 Sender OK\r\n\
+         555 5.5.4 Unsupported RCPT parameter NOTIFY\r\n\
+         ?RCPT <b@example.com>\n\
+         250 2.1.5 Recipient OK\r\n"
+    );
+}
+
+#[test]
+fn sequencing_errors() {
+    let t = transcript(
+        b"RCPT TO:<b@example.com>\r\nDATA\r\n\
+          MAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\nDATA x\r\n",
+    );
+    assert_eq!(
+        t,
+        "503 5.5.1 Need MAIL before RCPT\r\n\
+         503 5.5.1 Need MAIL command\r\n\
+         ?MAIL <a@example.org>\n\
+         250 2.1.0 Sender OK\r\n\
+         503 5.5.1 Nested MAIL command\r\n\
+         503 5.5.1 No valid recipients\r\n\
+         503 5.5.1 No valid recipients\r\n"
+    );
+}
+
+#[test]
+fn data_after_only_refused_recipients() {
+    let policy = |q: &Query| match q {
+        Query::Rcpt { .. } => Reply::new(550, "5.1.1", "No such user"),
+        other => accept(other),
+    };
+    let t = transcript_with(
+        &config(),
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nbody\r\n.\r\n",
+        &policy,
+    );
+    assert_eq!(
+        codes(&t),
+        ["250", "550", "503", "500", "500"],
+        "DATA refused, body lines become commands: {t}"
+    );
+}
+
+#[test]
+fn pipelined_refusals_keep_order() {
+    let policy = |q: &Query| match q {
+        Query::Rcpt { forward_path, .. } if forward_path.to_string().starts_with("bad") => {
+            Reply::new(550, "5.1.1", "No such user")
+        }
+        other => accept(other),
+    };
+    let t = transcript_with(
+        &config(),
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<bad@example.com>\r\nRCPT TO:<good@example.com>\r\n\
+          NOOP\r\nDATA\r\nx\r\n.\r\n",
+        &policy,
+    );
+    assert_eq!(
+        t,
+        "?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+         ?RCPT <bad@example.com>\n550 5.1.1 No such user\r\n\
+         ?RCPT <good@example.com>\n250 2.1.5 Recipient OK\r\n\
+         250 2.0.0 OK\r\n\
+         354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+         ?MESSAGE helo=\"\" from=<a@example.org> to=<good@example.com> body=\"x\\r\\n\"\n\
+         250 2.0.0 Queued\r\n"
+    );
+}
+
+#[test]
+fn pipelined_replies_are_coalesced() {
+    let mut s = ServerSession::new(config());
+    s.receive(b"NOOP\r\nNOOP\r\nRSET\r\nVRFY x\r\n");
+    match s.step() {
+        Step::Write(b) => assert_eq!(b.iter().filter(|&&c| c == b'\n').count(), 4),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(s.step(), Step::NeedInput));
+}
+
+#[test]
+fn replies_before_an_ask_go_out_first() {
+    let mut s = ServerSession::new(config());
+    s.receive(b"NOOP\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n");
+    assert!(matches!(s.step(), Step::Write(b) if b == b"250 2.0.0 OK\r\n"));
+    assert!(matches!(s.step(), Step::Ask(Query::Mail { .. })));
+    assert!(matches!(s.step(), Step::NeedInput));
+    assert!(matches!(s.step(), Step::NeedInput));
+    s.answer(Reply::new(451, "4.3.0", "Try later"));
+    assert!(
+        matches!(s.step(), Step::Write(b) if b == b"451 4.3.0 Try later\r\n250 2.0.0 OK\r\n")
+    );
+    assert!(s.reverse_path().is_none(), "a 4xx does not open a transaction");
+    // A stray answer is ignored.
+    s.answer(Reply::new(250, "2.0.0", "stray"));
+    assert!(matches!(s.step(), Step::NeedInput));
+}
+
+#[test]
+fn session_accessors() {
+    let mut s = ServerSession::new(config());
+    s.receive(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n");
+    assert!(matches!(s.step(), Step::Write(_)));
+    assert!(matches!(s.step(), Step::Ask(_)));
+    s.answer(Reply::new(250, "2.1.0", "ok"));
+    assert_eq!(s.helo(), Some("client.example"));
+    assert!(s.esmtp());
+    assert_eq!(s.reverse_path().map(|p| p.to_string()).as_deref(), Some("a@example.org"));
+}
+
+#[test]
+fn too_many_recipients() {
+    let cfg = ServerConfig {
+        max_recipients: 100,
+        ..config()
+    };
+    let mut input = b"MAIL FROM:<a@example.org>\r\n".to_vec();
+    for i in 0..1000 {
+        input.extend_from_slice(format!("RCPT TO:<user{i}@example.com>\r\n").as_bytes());
+    }
+    input.extend_from_slice(b"DATA\r\nx\r\n.\r\n");
+    let t = transcript_with(&cfg, &input, &accept);
+    assert_eq!(t.matches("?RCPT").count(), 100);
+    assert_eq!(t.matches("452 4.5.3 Too many recipients\r\n").count(), 900);
+    assert!(t.contains("?RCPT <user99@example.com>\n250 2.1.5 Recipient OK\r\n452 4.5.3"));
+    assert!(!t.contains("user100@"));
+    let message = t.lines().find(|l| l.starts_with("?MESSAGE")).unwrap();
+    assert_eq!(message.matches("@example.com>").count(), 100);
+    assert!(!t.contains("(close)"), "452 is not a bad command");
+}
+
+#[test]
+fn too_many_bad_commands_close() {
+    let cfg = ServerConfig {
+        max_bad_commands: 3,
+        ..config()
+    };
+    let t = transcript_with(&cfg, b"FOO\r\nNOOP\r\nBAR\r\nRCPT TO:<a@b.c>\r\nNOOP\r\n", &accept);
+    assert_eq!(
+        t,
+        "500 5.5.2 Command unrecognized\r\n\
+         250 2.0.0 OK\r\n\
+         500 5.5.2 Command unrecognized\r\n\
+         503 5.5.1 Need MAIL before RCPT\r\n\
+         421 4.7.0 Too many errors, closing connection\r\n\
+         (close)\n"
+    );
+}
+
+#[test]
+fn quit_closes_and_ignores_the_rest() {
+    let t = transcript(b"QUIT\r\nMAIL FROM:<a@example.org>\r\n");
+    assert_eq!(t, "221 2.0.0 mx.example.net closing connection\r\n(close)\n");
+}
+
+#[test]
+fn policy_421_closes() {
+    let policy = |q: &Query| match q {
+        Query::Mail { .. } => Reply::new(421, "4.7.0", "Go away"),
+        other => accept(other),
+    };
+    let t = transcript_with(&config(), b"MAIL FROM:<a@example.org>\r\nNOOP\r\n", &policy);
+    assert_eq!(t, "?MAIL <a@example.org>\n421 4.7.0 Go away\r\n(close)\n");
+}
+
+#[test]
+fn address_errors_in_dialog() {
+    let t = transcript(
+        b"MAIL FROM:<a@>\r\n\
+          MAIL FROM:<Postmaster>\r\n\
+          MAIL FROM:\r\n\
+          MAIL TO:<a@example.org>\r\n\
+          MAIL FROM:<a\x01@example.org>\r\n\
+          MAIL FROM: <a@example.org>\r\n\
+          RCPT TO:<>\r\n\
+          RCPT TO:<b@-example.com>\r\n\
+          RCPT TO:<PostMaster>\r\n",
+    );
+    assert_eq!(
+        t,
+        "501 5.1.7 domain missing after @\r\n\
+         501 5.1.7 domain missing after the local part\r\n\
+         501 5.1.7 empty address\r\n\
+         501 5.5.4 Syntax: MAIL FROM:<address>\r\n\
+         501 5.1.7 control character 0x01 in address\r\n\
+         ?MAIL <a@example.org>\n\
+         250 2.1.0 Sender OK\r\n\
+         501 5.1.3 the null path <> is not a recipient\r\n\
+         501 5.1.3 unexpected '-' at the start of the domain\r\n\
+         ?RCPT <PostMaster>\n\
+         250 2.1.5 Recipient OK\r\n"
+    );
+}
+
+#[test]
+fn loose_and_strict_modes_in_dialog() {
+    let input = b"MAIL FROM:a@example.org SIZE=5\r\nRSET\r\nMAIL FROM:<\"Joe\" <j@example.org>>\r\n";
+    let t = transcript(input);
+    assert!(t.contains("?MAIL <a@example.org> SIZE=5\n"));
+    assert!(t.contains("?MAIL <j@example.org>\n"));
+    let strict = ServerConfig {
+        address_mode: AddressMode::Strict,
+        ..config()
+    };
+    let t = transcript_with(&strict, input, &accept);
+    assert!(!t.contains("?MAIL"));
+    assert_eq!(codes(&t), ["501", "250", "501"]);
+}
+
+// ---- DATA ----
+
+const START: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n";
+const PREFIX: &str = "?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+                      ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n\
+                      354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n";
+
+fn data_transcript(cfg: &ServerConfig, body: &[u8]) -> String {
+    let mut input = START.to_vec();
+    input.extend_from_slice(body);
+    let t = transcript_with(cfg, &input, &accept);
+    t.strip_prefix(PREFIX)
+        .unwrap_or_else(|| panic!("unexpected start: {t}"))
+        .to_string()
+}
+
+fn normalising() -> ServerConfig {
+    ServerConfig {
+        bare_linefeed: BareLinefeedPolicy::Normalise,
+        ..config()
+    }
+}
+
+#[test]
+fn empty_message_right_after_354() {
+    let t = data_transcript(&config(), b".\r\nNOOP\r\n");
+    assert_eq!(
+        t,
+        "?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"\"\n\
+         250 2.0.0 Queued\r\n250 2.0.0 OK\r\n"
+    );
+}
+
+#[test]
+fn dot_unstuffing() {
+    let t = data_transcript(&config(), b"..x\r\n..\r\n...\r\ny.\r\n.\r\n");
+    assert!(t.starts_with(
+        "?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\".x\\r\\n.\\r\\n..\\r\\ny.\\r\\n\"\n"
+    ));
+}
+
+#[test]
+fn in_data_reports_body_reading() {
+    let mut s = ServerSession::new(config());
+    s.receive(START);
+    while let Step::Ask(_) | Step::Write(_) = {
+        let st = s.step();
+        if let Step::Ask(q) = &st {
+            s.answer(accept(q));
+        }
+        st
+    } {}
+    assert!(s.in_data());
+    s.receive(b"x\r\n.\r\n");
+    assert!(matches!(s.step(), Step::Ask(Query::Message(_))));
+    assert!(!s.in_data());
+}
+
+const SMUGGLE: &[u8] = b"first body\n.\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n\
+                         DATA\r\nsecond\r\n.\r\n";
+
+#[test]
+fn smuggling_lf_dot_crlf_is_one_message_reject() {
+    let t = data_transcript(&config(), SMUGGLE);
+    assert_eq!(
+        t,
+        "550 5.6.0 Message refused: bare LF or bare CR in the message; lines must end with CRLF (RFC 5321 section 2.3.8)\r\n"
+    );
+}
+
+#[test]
+fn smuggling_lf_dot_crlf_is_one_message_normalise() {
+    let t = data_transcript(&normalising(), SMUGGLE);
+    assert_eq!(
+        t,
+        "?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"first body\\r\\n.\\r\\n\
+         MAIL FROM:<a@example.org>\\r\\nRCPT TO:<b@example.com>\\r\\nDATA\\r\\nsecond\\r\\n\"\n\
+         250 2.0.0 Queued\r\n"
+    );
+    assert_eq!(t.matches("?MAIL").count(), 0);
+}
+
+#[test]
+fn smuggling_lf_dot_lf_does_not_end() {
+    for cfg in [config(), normalising()] {
+        let t = data_transcript(&cfg, b"body\n.\nQUIT\r\n");
+        assert_eq!(t, "", "nothing ends, QUIT is body");
+        let t = data_transcript(&cfg, b"body\r\n.\nQUIT\r\n");
+        assert_eq!(t, "");
+        let t = data_transcript(&cfg, b"body\r.\rQUIT\r\n");
+        assert_eq!(t, "");
+    }
+}
+
+#[test]
+fn bare_lf_in_body() {
+    let t = data_transcript(&config(), b"a\nb\r\n.\r\nNOOP\r\n");
+    assert!(t.starts_with("550 5.6.0 "));
+    assert!(t.ends_with("250 2.0.0 OK\r\n"));
+    let t = data_transcript(&normalising(), b"a\nb\rc\r\n.\r\n");
+    assert!(t.contains("body=\"a\\r\\nb\\r\\nc\\r\\n\""));
+    // Under Reject the transaction is over after the 550.
+    let t = data_transcript(&config(), b"a\rb\r\n.\r\nDATA\r\n");
+    assert!(t.ends_with("503 5.5.1 Need MAIL command\r\n"));
+}
+
+#[test]
+fn message_too_big() {
+    let cfg = ServerConfig {
+        max_message_size: 100,
+        ..config()
+    };
+    let mut body = vec![b'z'; 5000];
+    body.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+    let t = data_transcript(&cfg, &body);
+    assert_eq!(
+        t,
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 OK\r\n"
+    );
+}
+
+#[test]
+fn one_mebibyte_line_in_data_is_body() {
+    let mut body = vec![b'q'; 1 << 20];
+    body.extend_from_slice(b"\r\n.\r\n");
+    let t = data_transcript(&config(), &body);
+    assert!(t.starts_with("?MESSAGE"));
+    assert!(t.ends_with("250 2.0.0 Queued\r\n"));
+}
+
+#[test]
+fn message_answer_ends_transaction_whatever_it_says() {
+    let policy = |q: &Query| match q {
+        Query::Message(_) => Reply::new(451, "4.3.0", "Try again"),
+        other => accept(other),
+    };
+    let mut input = START.to_vec();
+    input.extend_from_slice(b"x\r\n.\r\nRCPT TO:<c@example.com>\r\n");
+    let t = transcript_with(&config(), &input, &policy);
+    assert!(t.ends_with("451 4.3.0 Try again\r\n503 5.5.1 Need MAIL before RCPT\r\n"));
+}
+
+#[test]
+fn envelope_contents() {
+    let mut s = ServerSession::new(config());
+    s.receive(b"HELO h\r\nMAIL FROM:<a@example.org> body=7bit\r\nRCPT TO:<b@example.com>\r\nDATA\r\nx\r\n.\r\n");
+    loop {
+        match s.step() {
+            Step::Ask(Query::Message(env)) => {
+                assert_eq!(env.helo.as_deref(), Some("h"));
+                assert_eq!(
+                    env.mail_params,
+                    vec![("BODY".to_string(), Some("7bit".to_string()))]
+                );
+                assert_eq!(env.recipients.len(), 1);
+                assert!(matches!(&env.recipients[0].0, Path::Mailbox(m) if m.local == "b"));
+                assert_eq!(env.body, b"x\r\n");
+                return;
+            }
+            Step::Ask(q) => s.answer(accept(&q)),
+            Step::Write(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
