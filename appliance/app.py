@@ -79,8 +79,14 @@ async def serve(config: Config) -> int:
 
     delivery = loop.create_task(scheduler.run())
     for name, ip, port in server.bound_addresses():
-        log_event("startup", listener=name, address=f"{ip}:{port}", data_dir=str(config.data_dir),
-                  durable=config.durable, queued=queue.count())
+        log_event(
+            "startup",
+            listener=name,
+            address=f"{ip}:{port}",
+            data_dir=str(config.data_dir),
+            durable=config.durable,
+            queued=queue.count(),
+        )
     if not config.durable:
         log_event("warning", text="durable = false: messages are NOT fsync'ed before the 250")
 

@@ -58,7 +58,13 @@ SHUTDOWN_GRACE = 30.0
 
 
 class _Pool:
-    """Outbound connections: a global limit, reuse of idle connections per host."""
+    """Outbound connections: a global limit, reuse of idle connections per host.
+
+    A slot is held from connect until the connection is closed (after QUIT). A task that
+    finds no free slot waits in line; a connection coming back is handed straight to a
+    waiter for the same host, or closed to free its slot when others wait for other hosts,
+    or else kept idle for a few seconds.
+    """
 
     def __init__(
         self,
@@ -68,15 +74,18 @@ class _Pool:
         per_connection: int,
         factory: Callable[[], SmtpConnection],
     ) -> None:
-        self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._open = 0
         self._helo = helo_name
         self._timeouts = timeouts
         self._per_connection = per_connection
         self._factory = factory
         self._idle: dict[Hop, list[SmtpConnection]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._waiters: list[tuple[Hop, asyncio.Future[SmtpConnection | None]]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self.opened = 0  # connections ever opened (for tests and metrics)
+        self.peak = 0  # most connections open at once
 
     async def acquire(
         self, host: str, port: int, fresh: bool = False
@@ -85,35 +94,71 @@ class _Pool:
 
         Raises SmtpConnectError when a new connection cannot be set up.
         """
-        idle = self._idle.get((host, port), [])
-        while idle and not fresh:
-            conn = idle.pop()
-            self._cancel_timer(conn)
-            if conn.usable:
-                return conn, True
-            self._discard(conn)
-        if self._slots.locked():
-            # Every slot is taken; idle connections to other hosts must not starve this
-            # one, so give one back (the oldest idle one overall).
-            self._evict_one()
-        await self._slots.acquire()
+        key = (host, port)
+        while True:
+            idle = self._idle.get(key, [])
+            while idle and not fresh:
+                conn = idle.pop()
+                self._cancel_timer(conn)
+                if conn.usable:
+                    return conn, True
+                self._discard(conn)
+            if self._open < self._limit:
+                break
+            if self._evict_one():
+                continue  # its slot frees once it is closed; wait for that below
+            future: asyncio.Future[SmtpConnection | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._waiters.append((key, future))
+            try:
+                handed = await future
+            except asyncio.CancelledError:
+                # Cancelled after a connection was handed to us: pass it on, don't leak it.
+                late = future.result() if future.done() and not future.cancelled() else None
+                if late is not None:
+                    self.release(late)
+                raise
+            if handed is not None and not fresh:
+                return handed, True
+            if handed is not None:
+                self._discard(handed)
+        self._open += 1
+        self.peak = max(self.peak, self._open)
         conn = self._factory()
         try:
             await conn.connect(host, port, self._helo, self._timeouts)
         except BaseException:
-            self._slots.release()
+            self._open -= 1
+            self._wake_one()
             raise
         self.opened += 1
         return conn, False
 
     def release(self, conn: SmtpConnection) -> None:
-        """Return a connection after a transaction: keep it idle for reuse, or close it."""
-        if conn.usable and conn.messages < self._per_connection:
-            self._idle.setdefault((conn.host, conn.port), []).append(conn)
-            loop = asyncio.get_running_loop()
-            self._timers[id(conn)] = loop.call_later(IDLE_SECONDS, self._expire, conn)
-        else:
+        """Return a connection after a transaction: hand it on, keep it idle, or close it."""
+        if not conn.usable or conn.messages >= self._per_connection:
             self._discard(conn)
+            return
+        key = (conn.host, conn.port)
+        for i, (wanted, future) in enumerate(self._waiters):
+            if wanted == key and not future.done():
+                del self._waiters[i]
+                future.set_result(conn)
+                return
+        if any(not future.done() for _, future in self._waiters):
+            self._discard(conn)  # someone needs a slot for another host
+            return
+        self._idle.setdefault(key, []).append(conn)
+        loop = asyncio.get_running_loop()
+        self._timers[id(conn)] = loop.call_later(IDLE_SECONDS, self._expire, conn)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            _, future = self._waiters.pop(0)
+            if not future.done():
+                future.set_result(None)
+                return
 
     def _expire(self, conn: SmtpConnection) -> None:
         self._timers.pop(id(conn), None)
@@ -122,15 +167,16 @@ class _Pool:
             idle.remove(conn)
             self._discard(conn)
 
-    def _evict_one(self) -> None:
+    def _evict_one(self) -> bool:
         for key, idle in self._idle.items():
             if idle:
                 conn = idle.pop(0)
-                self._cancel_timer(conn)
-                self._discard(conn)
                 if not idle:
                     del self._idle[key]
-                return
+                self._cancel_timer(conn)
+                self._discard(conn)
+                return True
+        return False
 
     def _cancel_timer(self, conn: SmtpConnection) -> None:
         timer = self._timers.pop(id(conn), None)
@@ -144,7 +190,8 @@ class _Pool:
             try:
                 await conn.quit()
             finally:
-                self._slots.release()
+                self._open -= 1
+                self._wake_one()
 
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)

@@ -41,7 +41,11 @@ pub struct Shared {
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Accept connections until told to stop accepting.
-pub async fn accept_loop(listener: TcpListener, settings: Arc<ListenerSettings>, shared: Arc<Shared>) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    settings: Arc<ListenerSettings>,
+    shared: Arc<Shared>,
+) {
     let mut stop = shared.stop_accepting.subscribe();
     let listener_active = Arc::new(AtomicUsize::new(0));
     loop {
@@ -64,7 +68,8 @@ pub async fn accept_loop(listener: TcpListener, settings: Arc<ListenerSettings>,
         let listener_active = Arc::clone(&listener_active);
         tokio::spawn(async move {
             shared.active.fetch_add(1, Ordering::AcqRel);
-            let over_limit = listener_active.fetch_add(1, Ordering::AcqRel) >= settings.max_connections;
+            let over_limit =
+                listener_active.fetch_add(1, Ordering::AcqRel) >= settings.max_connections;
             if over_limit {
                 refuse(stream, &settings.protocol.hostname).await;
             } else {
@@ -79,7 +84,11 @@ pub async fn accept_loop(listener: TcpListener, settings: Arc<ListenerSettings>,
 }
 
 async fn refuse(mut stream: TcpStream, hostname: &str) {
-    let reply = Reply::new(421, "4.7.0", &format!("{hostname} too many connections, try again later"));
+    let reply = Reply::new(
+        421,
+        "4.7.0",
+        &format!("{hostname} too many connections, try again later"),
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
     let _ = stream.shutdown().await;
 }
@@ -115,7 +124,12 @@ enum End {
 }
 
 impl Session {
-    fn new(stream: TcpStream, peer: SocketAddr, settings: Arc<ListenerSettings>, shared: Arc<Shared>) -> Self {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        settings: Arc<ListenerSettings>,
+        shared: Arc<Shared>,
+    ) -> Self {
         let local = stream.local_addr().unwrap_or(peer);
         let facts = ConnectionFacts {
             session: shared.next_session.fetch_add(1, Ordering::Relaxed),
@@ -155,7 +169,8 @@ impl Session {
         if verdict.code / 100 != 2 {
             return End::Goodbye(verdict);
         }
-        self.out.extend_from_slice(&self.machine.greeting().to_bytes());
+        self.out
+            .extend_from_slice(&self.machine.greeting().to_bytes());
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             match self.machine.step() {
@@ -196,9 +211,14 @@ impl Session {
                         Err(_elapsed) => {
                             // Anything the client sends after this is never read, so late
                             // bytes can never run as commands.
-                            return End::Goodbye(Reply::new(421, "4.4.2", &format!(
-                                "{} timeout exceeded, closing connection",
-                                self.settings.protocol.hostname)));
+                            return End::Goodbye(Reply::new(
+                                421,
+                                "4.4.2",
+                                &format!(
+                                    "{} timeout exceeded, closing connection",
+                                    self.settings.protocol.hostname
+                                ),
+                            ));
                         }
                         Ok(Ok(0)) | Ok(Err(_)) => return End::Gone,
                         Ok(Ok(n)) => self.machine.receive(&buf[..n]),
@@ -211,12 +231,18 @@ impl Session {
     /// Turn the machine's query into a bridge question, remembering the sender.
     fn question_for(&mut self, query: Query) -> Question {
         match query {
-            Query::Mail { reverse_path, params } => {
+            Query::Mail {
+                reverse_path,
+                params,
+            } => {
                 let address = reverse_path.to_string();
                 self.sender.clone_from(&address);
                 Question::Mail { address, params }
             }
-            Query::Rcpt { forward_path, params } => Question::Rcpt {
+            Query::Rcpt {
+                forward_path,
+                params,
+            } => Question::Rcpt {
                 sender: self.sender.clone(),
                 address: forward_path.to_string(),
                 params,
@@ -229,8 +255,10 @@ impl Session {
                     body,
                     ..
                 } = envelope;
-                let (recipients, rcpt_params): (Vec<String>, Vec<_>) =
-                    recipients.into_iter().map(|(path, params)| (path.to_string(), params)).unzip();
+                let (recipients, rcpt_params): (Vec<String>, Vec<_>) = recipients
+                    .into_iter()
+                    .map(|(path, params)| (path.to_string(), params))
+                    .unzip();
                 Question::Data {
                     sender: reverse_path.to_string(),
                     mail_params,
@@ -242,7 +270,11 @@ impl Session {
         }
     }
 
-    async fn ask(&mut self, question: Question, shutdown: &mut watch::Receiver<bool>) -> Result<Reply, End> {
+    async fn ask(
+        &mut self,
+        question: Question,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Reply, End> {
         let helo = self.machine.helo().map(str::to_owned);
         let esmtp = self.machine.esmtp();
         let asked = self.shared.bridge.ask(&self.facts, helo, esmtp, question);
@@ -275,6 +307,9 @@ fn shutting_down(settings: &ListenerSettings) -> End {
     End::Goodbye(Reply::new(
         421,
         "4.3.2",
-        &format!("{} service shutting down, try again later", settings.protocol.hostname),
+        &format!(
+            "{} service shutting down, try again later",
+            settings.protocol.hostname
+        ),
     ))
 }

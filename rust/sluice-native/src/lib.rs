@@ -163,21 +163,36 @@ impl ListenerSpec {
         let bare_linefeed = match bare_linefeed {
             "reject" => BareLinefeedPolicy::Reject,
             "normalise" => BareLinefeedPolicy::Normalise,
-            other => return Err(PyValueError::new_err(format!("bare_linefeed: expected reject or normalise, got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "bare_linefeed: expected reject or normalise, got {other:?}"
+                )))
+            }
         };
         let address_mode = match address_mode {
             "loose" => AddressMode::Loose,
             "strict" => AddressMode::Strict,
-            other => return Err(PyValueError::new_err(format!("address_mode: expected loose or strict, got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "address_mode: expected loose or strict, got {other:?}"
+                )))
+            }
         };
-        for (key, value) in [("command_timeout", command_timeout), ("data_timeout", data_timeout)] {
+        for (key, value) in [
+            ("command_timeout", command_timeout),
+            ("data_timeout", data_timeout),
+        ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(PyValueError::new_err(format!("{key}: expected a positive number of seconds")));
+                return Err(PyValueError::new_err(format!(
+                    "{key}: expected a positive number of seconds"
+                )));
             }
         }
         if max_line_length < 512 {
             // RFC 5321 section 4.5.3.1.4: a server must accept command lines of 512 octets.
-            return Err(PyValueError::new_err("max_line_length: expected at least 512 (RFC 5321 4.5.3.1.4)"));
+            return Err(PyValueError::new_err(
+                "max_line_length: expected at least 512 (RFC 5321 4.5.3.1.4)",
+            ));
         }
         let settings = ServerConfig {
             hostname,
@@ -238,7 +253,10 @@ impl Server {
         for spec in &listeners {
             let addr = resolve_listen_address(&spec.address)?;
             let std_listener = bind(addr).map_err(|e| {
-                PyOSError::new_err(format!("listener {}: cannot listen on {}: {e}", spec.name, spec.address))
+                PyOSError::new_err(format!(
+                    "listener {}: cannot listen on {}: {e}",
+                    spec.name, spec.address
+                ))
             })?;
             let local = std_listener
                 .local_addr()
@@ -278,14 +296,19 @@ impl Server {
 
     fn take_requests(&self, py: Python<'_>) -> Vec<Request> {
         let pending = self.shared.bridge.take();
-        pending.into_iter().map(|p| Request::from_pending(py, p)).collect()
+        pending
+            .into_iter()
+            .map(|p| Request::from_pending(py, p))
+            .collect()
     }
 
     fn answer(&self, verdicts: Vec<(u64, u16, String, String)>) -> PyResult<()> {
         let mut replies = Vec::with_capacity(verdicts.len());
         for (id, code, enhanced, text) in verdicts {
             if !(200..600).contains(&code) {
-                return Err(PyValueError::new_err(format!("reply code {code} out of range 200..599")));
+                return Err(PyValueError::new_err(format!(
+                    "reply code {code} out of range 200..599"
+                )));
             }
             replies.push((id, Reply::new(code, &enhanced, &text)));
         }
@@ -307,7 +330,11 @@ impl Server {
         self.shared.shutdown.send_replace(true);
         self.shared.bridge.close();
         let shared = Arc::clone(&self.shared);
-        let runtime = self.runtime.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         py.detach(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             while shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
@@ -324,9 +351,9 @@ fn resolve_listen_address(address: &str) -> PyResult<SocketAddr> {
     let mut addrs = address
         .to_socket_addrs()
         .map_err(|e| PyValueError::new_err(format!("listen address {address:?}: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| PyValueError::new_err(format!("listen address {address:?} resolves to nothing")))
+    addrs.next().ok_or_else(|| {
+        PyValueError::new_err(format!("listen address {address:?} resolves to nothing"))
+    })
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -340,7 +367,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 #[pyfunction]
 #[pyo3(signature = (text, strict=false, utf8=false))]
 fn parse_path(text: &str, strict: bool, utf8: bool) -> PyResult<String> {
-    let mode = if strict { AddressMode::Strict } else { AddressMode::Loose };
+    let mode = if strict {
+        AddressMode::Strict
+    } else {
+        AddressMode::Loose
+    };
     match smtp_proto::parse_path(text.as_bytes(), mode, utf8) {
         Ok((path, rest)) if rest.iter().all(u8::is_ascii_whitespace) => Ok(path.to_string()),
         Ok(_) => Err(AddressError::new_err("unexpected text after the address")),

@@ -325,6 +325,10 @@ impl<'a> Parser<'a> {
             }
             Some(b'@') => {
                 self.adl()?;
+                if self.peek_is(b'>') {
+                    // `<@example.com>`: read as a route, but it is a mailbox without local part.
+                    return Err(error("empty local part"));
+                }
                 self.expect(b':', "after the source route")?;
                 self.skip_cfws()?;
             }
@@ -435,10 +439,20 @@ impl<'a> Parser<'a> {
                     domain: None,
                 });
             }
-            return match self.peek() {
-                None | Some(b'>') | Some(b' ') | Some(b'\t') => {
-                    Err(error("domain missing: expected '@domain' after the local part"))
+            let after_space = self.s[self.pos..]
+                .iter()
+                .find(|&&b| b != b' ' && b != b'\t')
+                .copied();
+            return match (self.peek(), after_space) {
+                (Some(b' ') | Some(b'\t'), Some(b'<')) => Err(error(
+                    "display names are not allowed in strict address mode",
+                )),
+                (Some(b' ') | Some(b'\t'), Some(b'@')) => {
+                    Err(error("white space before '@' in address"))
                 }
+                (None | Some(b'>') | Some(b' ') | Some(b'\t'), _) => Err(error(
+                    "domain missing: expected '@domain' after the local part",
+                )),
                 _ => Err(self.unexpected("in the local part")),
             };
         }

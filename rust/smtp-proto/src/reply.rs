@@ -93,14 +93,20 @@ mod tests {
     #[test]
     fn no_enhanced_code() {
         let r = Reply::new(250, "", "mx.example\nPIPELINING");
-        assert_eq!(r.to_bytes(), b"250-mx.example\r\n250 PIPELINING\r\n".to_vec());
+        assert_eq!(
+            r.to_bytes(),
+            b"250-mx.example\r\n250 PIPELINING\r\n".to_vec()
+        );
     }
 
     #[test]
     fn never_emits_cr_or_lf_from_text() {
         let r = Reply::new(250, "2.0.0", "x\r\n250 injected\r\ny\rz\u{0}");
         let b = r.to_bytes();
-        assert_eq!(b, b"250-2.0.0 x\r\n250-2.0.0 250 injected\r\n250 2.0.0 yz\r\n".to_vec());
+        assert_eq!(
+            b,
+            b"250-2.0.0 x\r\n250-2.0.0 250 injected\r\n250 2.0.0 yz\r\n".to_vec()
+        );
         // Every CR is followed by LF and every LF is preceded by CR.
         for (i, &c) in b.iter().enumerate() {
             if c == b'\r' {
@@ -114,7 +120,10 @@ mod tests {
 
     #[test]
     fn trailing_newline_and_empty_text() {
-        assert_eq!(Reply::new(221, "2.0.0", "bye\n").to_bytes(), b"221 2.0.0 bye\r\n");
+        assert_eq!(
+            Reply::new(221, "2.0.0", "bye\n").to_bytes(),
+            b"221 2.0.0 bye\r\n"
+        );
         assert_eq!(Reply::new(250, "2.0.0", "").to_bytes(), b"250 2.0.0\r\n");
         assert_eq!(Reply::new(7, "", "x").to_bytes(), b"451 x\r\n");
     }

@@ -397,7 +397,12 @@ impl ServerSession {
             }
         }
         self.input = buf;
-        if self.start > 0 {
+        // Compact only when the consumed prefix is at least half the buffer, so a long
+        // pipelined batch answered one Ask at a time is not moved once per command.
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.start >= self.input.len() / 2 {
             self.input.drain(..self.start);
             self.start = 0;
         }
@@ -533,7 +538,11 @@ impl ServerSession {
                         .parse::<u64>()
                         .map_or(true, |n| n > self.config.max_message_size);
                     if too_big {
-                        return self.say(552, "5.3.4", "Message size exceeds fixed maximum message size");
+                        return self.say(
+                            552,
+                            "5.3.4",
+                            "Message size exceeds fixed maximum message size",
+                        );
                     }
                 }
                 ("SIZE", _) => return self.bad(501, "5.5.4", "Syntax: SIZE=<number>"),
@@ -606,7 +615,11 @@ impl ServerSession {
         let outcome = decoder.finish();
         let tx = std::mem::take(&mut self.tx);
         if outcome.too_big {
-            self.say(552, "5.3.4", "Message size exceeds fixed maximum message size");
+            self.say(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            );
             return;
         }
         if (outcome.bare_lf || outcome.bare_cr)
@@ -730,7 +743,7 @@ fn parse_params(rest: &[u8]) -> Result<Params, String> {
         if !key_ok {
             return Err("Syntax error in parameters".to_string());
         }
-        let value_ok = value.map_or(true, |v| {
+        let value_ok = value.is_none_or(|v| {
             !v.is_empty() && v.iter().all(|&b| (33..=126).contains(&b) && b != b'=')
         });
         if !value_ok {

@@ -39,7 +39,10 @@ fn err(input: &str, mode: AddressMode) -> String {
 fn plain_bracketed_both_modes() {
     for mode in [Loose, Strict] {
         assert_eq!(ok("<joe@foo.com>", mode), mb("joe", Some("foo.com")));
-        assert_eq!(ok("<a.b+tag@sub.foo-bar.com>", mode), mb("a.b+tag", Some("sub.foo-bar.com")));
+        assert_eq!(
+            ok("<a.b+tag@sub.foo-bar.com>", mode),
+            mb("a.b+tag", Some("sub.foo-bar.com"))
+        );
     }
 }
 
@@ -60,12 +63,27 @@ fn quoted_whole_address_loose_only() {
 
 #[test]
 fn display_name_loose_only() {
-    assert_eq!(ok("<\"Joe Sixpack\" <joe@foo.com>>", Loose), mb("joe", Some("foo.com")));
-    assert_eq!(ok("<Joe Sixpack <joe@foo.com>>", Loose), mb("joe", Some("foo.com")));
-    assert_eq!(ok("\"Joe Sixpack\" <joe@foo.com>", Loose), mb("joe", Some("foo.com")));
-    assert_eq!(ok("<joe@foo.com <joe@foo.com>>", Loose), mb("joe", Some("foo.com")));
+    assert_eq!(
+        ok("<\"Joe Sixpack\" <joe@foo.com>>", Loose),
+        mb("joe", Some("foo.com"))
+    );
+    assert_eq!(
+        ok("<Joe Sixpack <joe@foo.com>>", Loose),
+        mb("joe", Some("foo.com"))
+    );
+    assert_eq!(
+        ok("\"Joe Sixpack\" <joe@foo.com>", Loose),
+        mb("joe", Some("foo.com"))
+    );
+    assert_eq!(
+        ok("<joe@foo.com <joe@foo.com>>", Loose),
+        mb("joe", Some("foo.com"))
+    );
     assert_eq!(ok("<<joe@foo.com>>", Loose), mb("joe", Some("foo.com")));
-    assert!(err("<\"Joe Sixpack\" <joe@foo.com>>", Strict).contains("'<'"));
+    assert_eq!(
+        err("<\"Joe Sixpack\" <joe@foo.com>>", Strict),
+        "display names are not allowed in strict address mode"
+    );
     // Nesting is bounded.
     assert!(parse("<<<<joe@foo.com>>>>", Loose).is_err());
 }
@@ -80,7 +98,10 @@ fn comments_loose_only() {
         ok("<(a (nested) \\) comment)x@foo.com (trailing)>", Loose),
         mb("x", Some("foo.com"))
     );
-    assert_eq!(err("<(unterminated x@foo.com>", Loose), "unterminated comment in address");
+    assert_eq!(
+        err("<(unterminated x@foo.com>", Loose),
+        "unterminated comment in address"
+    );
     assert!(parse("<(joe@bar.com) otherjoe@foo.com>", Strict).is_err());
 }
 
@@ -99,7 +120,10 @@ fn white_space() {
 #[test]
 fn quoted_local_part_kept_quoted() {
     for mode in [Loose, Strict] {
-        assert_eq!(ok("<\"x y\"@example.com>", mode), mb("\"x y\"", Some("example.com")));
+        assert_eq!(
+            ok("<\"x y\"@example.com>", mode),
+            mb("\"x y\"", Some("example.com"))
+        );
         assert_eq!(
             ok("<\"x;rm -rf ~\"@example.com>", mode),
             mb("\"x;rm -rf ~\"", Some("example.com"))
@@ -108,10 +132,19 @@ fn quoted_local_part_kept_quoted() {
             ok("<\"a\\\"b\"@example.com>", mode),
             mb("\"a\\\"b\"", Some("example.com"))
         );
-        assert_eq!(ok("<\"joe@foo.com\"@bar.com>", mode), mb("\"joe@foo.com\"", Some("bar.com")));
+        assert_eq!(
+            ok("<\"joe@foo.com\"@bar.com>", mode),
+            mb("\"joe@foo.com\"", Some("bar.com"))
+        );
     }
-    assert_eq!(ok("\"x y\"@example.com", Loose), mb("\"x y\"", Some("example.com")));
-    assert_eq!(err("<\"x@example.com>", Loose), "unterminated quoted local part");
+    assert_eq!(
+        ok("\"x y\"@example.com", Loose),
+        mb("\"x y\"", Some("example.com"))
+    );
+    assert_eq!(
+        err("<\"x@example.com>", Loose),
+        "unterminated quoted local part"
+    );
     assert_eq!(err("<\"\"@example.com>", Strict), "empty local part");
 }
 
@@ -119,7 +152,10 @@ fn quoted_local_part_kept_quoted() {
 fn source_routes_stripped() {
     for mode in [Loose, Strict] {
         assert_eq!(ok("<@a,@b:user@c>", mode), mb("user", Some("c")));
-        assert_eq!(ok("<@a.example:user@c.example>", mode), mb("user", Some("c.example")));
+        assert_eq!(
+            ok("<@a.example:user@c.example>", mode),
+            mb("user", Some("c.example"))
+        );
         assert!(parse("<@a,b:user@c>", mode).is_err());
         assert!(parse("<@a user@c>", mode).is_err());
         assert!(parse("<@:user@c>", mode).is_err());
@@ -159,7 +195,10 @@ fn address_literals() {
             assert!(parse(bad, mode).is_err(), "{bad} accepted");
         }
     }
-    assert_eq!(err("<u@[192.0.2.256]>", Strict), "invalid IPv4 address literal [192.0.2.256]");
+    assert_eq!(
+        err("<u@[192.0.2.256]>", Strict),
+        "invalid IPv4 address literal [192.0.2.256]"
+    );
 }
 
 #[test]
@@ -194,7 +233,10 @@ fn parameters_are_returned_unparsed() {
     let (p, rest) = parse("a@b.example SIZE=10", Loose).unwrap();
     assert_eq!(p, mb("a", Some("b.example")));
     assert_eq!(rest, " SIZE=10");
-    assert_eq!(err("<a@b.example>SIZE=10", Strict), "unexpected 'S' after the address");
+    assert_eq!(
+        err("<a@b.example>SIZE=10", Strict),
+        "unexpected 'S' after the address"
+    );
 }
 
 #[test]
@@ -212,22 +254,43 @@ fn local_part_dots() {
 fn refusals_with_reasons() {
     for mode in [Loose, Strict] {
         assert_eq!(err("", mode), "empty address");
-        assert_eq!(err("<@b.example>", mode), "domain missing after @");
+        assert_eq!(err("<@b.example>", mode), "empty local part");
         assert_eq!(err("<a@>", mode), "domain missing after @");
         assert_eq!(err("<a@b..example>", mode), "empty label ('..') in domain");
         assert_eq!(err("<a@b.example.>", mode), "domain ends with '.'");
-        assert_eq!(err("<a@-b.example>", mode), "unexpected '-' at the start of the domain");
+        assert_eq!(
+            err("<a@-b.example>", mode),
+            "unexpected '-' at the start of the domain"
+        );
         assert_eq!(err("<a@b-.example>", mode), "domain label ends with '-'");
-        assert_eq!(err("<a@b_c.example>", mode), "unexpected '_' where '>' should end the address");
-        assert_eq!(err("<a@b.example", mode), "missing '>' at the end of the address");
-        assert_eq!(err("<a\x00@b.example>", mode), "control character 0x00 in address");
-        assert_eq!(err("<a@b.example\x7f>", mode), "control character 0x7F in address");
-        assert_eq!(err("<\"a\tb\"@b.example>", mode), "control character 0x09 in address");
+        assert_eq!(
+            err("<a@b_c.example>", mode),
+            "unexpected '_' where '>' should end the address"
+        );
+        assert_eq!(
+            err("<a@b.example", mode),
+            "missing '>' at the end of the address"
+        );
+        assert_eq!(
+            err("<a\x00@b.example>", mode),
+            "control character 0x00 in address"
+        );
+        assert_eq!(
+            err("<a@b.example\x7f>", mode),
+            "control character 0x7F in address"
+        );
+        assert_eq!(
+            err("<\"a\tb\"@b.example>", mode),
+            "control character 0x09 in address"
+        );
         assert_eq!(
             err("<jo\u{e9}@b.example>", mode),
             "non-ASCII character in address (SMTPUTF8 not in use)"
         );
-        assert_eq!(err("<a@b@c>", mode), "unexpected '@' where '>' should end the address");
+        assert_eq!(
+            err("<a@b@c>", mode),
+            "unexpected '@' where '>' should end the address"
+        );
     }
 }
 
@@ -248,11 +311,20 @@ fn length_limits() {
         );
         // 4 labels of 63 + 3 dots = 255: fine as a domain, path = 1+1+255+2 = 259 > 256.
         let d255 = [label63.as_str(); 4].join(".");
-        assert_eq!(err(&format!("<a@{d255}>"), mode), "path longer than 256 octets");
+        assert_eq!(
+            err(&format!("<a@{d255}>"), mode),
+            "path longer than 256 octets"
+        );
         let d256 = format!("{d255}x");
-        assert_eq!(err(&format!("<a@{d256}>"), mode), "domain label longer than 63 octets");
+        assert_eq!(
+            err(&format!("<a@{d256}>"), mode),
+            "domain label longer than 63 octets"
+        );
         let d257 = format!("{}.{}", d255, "e");
-        assert_eq!(err(&format!("<a@{d257}>"), mode), "domain longer than 255 octets");
+        assert_eq!(
+            err(&format!("<a@{d257}>"), mode),
+            "domain longer than 255 octets"
+        );
         // Path exactly 256: local 1, domain 252.
         let d252 = format!("{}.{}.{}.{}", label63, label63, label63, "e".repeat(60));
         assert_eq!(d252.len(), 252);
@@ -266,15 +338,27 @@ fn utf8_only_when_allowed() {
     assert!(parse_path(input, Loose, false).is_err());
     let (p, _) = parse_path(input, Loose, true).unwrap();
     assert_eq!(p, mb("jos\u{e9}", Some("b\u{fc}cher.example")));
-    for bad in ["\u{200b}", "\u{200f}", "\u{2028}", "\u{202e}", "\u{2060}", "\u{2064}", "\u{feff}", "\u{85}"] {
+    for bad in [
+        "\u{200b}", "\u{200f}", "\u{2028}", "\u{202e}", "\u{2060}", "\u{2064}", "\u{feff}",
+        "\u{85}",
+    ] {
         let s = format!("<a{bad}b@example.com>");
         let e = parse_path(s.as_bytes(), Strict, true).unwrap_err();
-        assert!(e.reason.contains("invisible or control character U+"), "{bad:?}: {}", e.reason);
+        assert!(
+            e.reason.contains("invisible or control character U+"),
+            "{bad:?}: {}",
+            e.reason
+        );
         let s = format!("<ab@exa{bad}mple.com>");
         assert!(parse_path(s.as_bytes(), Loose, true).is_err());
     }
     // Invalid UTF-8: a lone continuation byte, a truncated sequence, an overlong form.
-    for bad in [&b"<a\x80@example.com>"[..], b"<a\xc3@example.com>", b"<a\xc0\xaf@example.com>", b"<a\xed\xa0\x80@example.com>"] {
+    for bad in [
+        &b"<a\x80@example.com>"[..],
+        b"<a\xc3@example.com>",
+        b"<a\xc0\xaf@example.com>",
+        b"<a\xed\xa0\x80@example.com>",
+    ] {
         let e = parse_path(bad, Loose, true).unwrap_err();
         assert_eq!(e.reason, "invalid UTF-8 in address");
     }
@@ -303,7 +387,11 @@ fn display_round_trips() {
             panic!("{seed}")
         };
         let shown = m.to_string();
-        assert_eq!(ok(&shown, Loose), Path::Mailbox(m.clone()), "{seed} -> {shown}");
+        assert_eq!(
+            ok(&shown, Loose),
+            Path::Mailbox(m.clone()),
+            "{seed} -> {shown}"
+        );
         if let Ok((Path::Mailbox(strict), _)) = parse(seed, Strict) {
             assert_eq!(ok(&format!("<{strict}>"), Strict), Path::Mailbox(strict));
         }

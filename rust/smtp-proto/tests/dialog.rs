@@ -99,11 +99,19 @@ fn drive(config: &ServerConfig, chunks: &[&[u8]], policy: Policy) -> String {
 fn transcript_with(config: &ServerConfig, input: &[u8], policy: Policy) -> String {
     let whole = drive(config, &[input], policy);
     let bytes: Vec<&[u8]> = input.chunks(1).collect();
-    assert_eq!(whole, drive(config, &bytes, policy), "byte at a time differs");
+    assert_eq!(
+        whole,
+        drive(config, &bytes, policy),
+        "byte at a time differs"
+    );
     if input.len() <= 600 {
         for cut in 1..input.len() {
             let (a, b) = input.split_at(cut);
-            assert_eq!(whole, drive(config, &[a, b], policy), "split at {cut} differs");
+            assert_eq!(
+                whole,
+                drive(config, &[a, b], policy),
+                "split at {cut} differs"
+            );
         }
     }
     whole
@@ -265,13 +273,16 @@ fn bare_lf_does_not_end_command_when_configured() {
         ..config()
     };
     let t = transcript_with(&cfg, b"NOOP\nQUIT\r\nNOOP\r\n", &accept);
-    assert_eq!(t, "500 5.5.2 Bare CR or LF in command line\r\n250 2.0.0 OK\r\n");
+    assert_eq!(
+        t,
+        "500 5.5.2 Bare CR or LF in command line\r\n250 2.0.0 OK\r\n"
+    );
 }
 
 #[test]
 fn over_long_line_is_refused_and_stream_resyncs() {
     let mut input = b"NOOP ".to_vec();
-    input.extend(std::iter::repeat(b'x').take(10_000));
+    input.extend_from_slice(&[b'x'; 10_000]);
     input.extend_from_slice(b"\r\nNOOP\r\n");
     let t = transcript(&input);
     assert_eq!(t, "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
@@ -285,10 +296,16 @@ fn line_length_limit_counts_the_crlf() {
     };
     // "NOOP 1234\r\n" is 11 octets; "NOOP 123\r\n" is 10.
     let t = transcript_with(&cfg, b"NOOP 123\r\nNOOP 1234\r\nNOOP\r\n", &accept);
-    assert_eq!(t, "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n"
+    );
     // With a bare LF ending the line, "NOOP 1234\n" is 10.
     let t = transcript_with(&cfg, b"NOOP 1234\nNOOP 12345\nNOOP\n", &accept);
-    assert_eq!(t, "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n"
+    );
 }
 
 #[test]
@@ -355,7 +372,9 @@ fn noop_changes_nothing() {
     let t = transcript(
         b"MAIL FROM:<a@example.org>\r\nNOOP\r\nRCPT TO:<b@example.com>\r\nNOOP hello\r\nDATA\r\nx\r\n.\r\n",
     );
-    assert!(t.contains("?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"x\\r\\n\""));
+    assert!(
+        t.contains("?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"x\\r\\n\"")
+    );
 }
 
 #[test]
@@ -520,10 +539,11 @@ fn replies_before_an_ask_go_out_first() {
     assert!(matches!(s.step(), Step::NeedInput));
     assert!(matches!(s.step(), Step::NeedInput));
     s.answer(Reply::new(451, "4.3.0", "Try later"));
+    assert!(matches!(s.step(), Step::Write(b) if b == b"451 4.3.0 Try later\r\n250 2.0.0 OK\r\n"));
     assert!(
-        matches!(s.step(), Step::Write(b) if b == b"451 4.3.0 Try later\r\n250 2.0.0 OK\r\n")
+        s.reverse_path().is_none(),
+        "a 4xx does not open a transaction"
     );
-    assert!(s.reverse_path().is_none(), "a 4xx does not open a transaction");
     // A stray answer is ignored.
     s.answer(Reply::new(250, "2.0.0", "stray"));
     assert!(matches!(s.step(), Step::NeedInput));
@@ -538,7 +558,10 @@ fn session_accessors() {
     s.answer(Reply::new(250, "2.1.0", "ok"));
     assert_eq!(s.helo(), Some("client.example"));
     assert!(s.esmtp());
-    assert_eq!(s.reverse_path().map(|p| p.to_string()).as_deref(), Some("a@example.org"));
+    assert_eq!(
+        s.reverse_path().map(|p| p.to_string()).as_deref(),
+        Some("a@example.org")
+    );
 }
 
 #[test]
@@ -568,7 +591,11 @@ fn too_many_bad_commands_close() {
         max_bad_commands: 3,
         ..config()
     };
-    let t = transcript_with(&cfg, b"FOO\r\nNOOP\r\nBAR\r\nRCPT TO:<a@b.c>\r\nNOOP\r\n", &accept);
+    let t = transcript_with(
+        &cfg,
+        b"FOO\r\nNOOP\r\nBAR\r\nRCPT TO:<a@b.c>\r\nNOOP\r\n",
+        &accept,
+    );
     assert_eq!(
         t,
         "500 5.5.2 Command unrecognized\r\n\
@@ -583,7 +610,10 @@ fn too_many_bad_commands_close() {
 #[test]
 fn quit_closes_and_ignores_the_rest() {
     let t = transcript(b"QUIT\r\nMAIL FROM:<a@example.org>\r\n");
-    assert_eq!(t, "221 2.0.0 mx.example.net closing connection\r\n(close)\n");
+    assert_eq!(
+        t,
+        "221 2.0.0 mx.example.net closing connection\r\n(close)\n"
+    );
 }
 
 #[test]
@@ -627,7 +657,8 @@ fn address_errors_in_dialog() {
 
 #[test]
 fn loose_and_strict_modes_in_dialog() {
-    let input = b"MAIL FROM:a@example.org SIZE=5\r\nRSET\r\nMAIL FROM:<\"Joe\" <j@example.org>>\r\n";
+    let input =
+        b"MAIL FROM:a@example.org SIZE=5\r\nRSET\r\nMAIL FROM:<\"Joe\" <j@example.org>>\r\n";
     let t = transcript(input);
     assert!(t.contains("?MAIL <a@example.org> SIZE=5\n"));
     assert!(t.contains("?MAIL <j@example.org>\n"));
@@ -803,5 +834,95 @@ fn envelope_contents() {
             Step::Write(_) => {}
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[test]
+fn discard_needs_crlf_when_bare_lf_does_not_end_lines() {
+    let cfg = ServerConfig {
+        max_line_length: 10,
+        bare_lf_ends_command: false,
+        ..config()
+    };
+    let t = transcript_with(&cfg, b"NOOP 1234567890\nNOOP\r\nNOOP\r\n", &accept);
+    assert_eq!(t, "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
+}
+
+/// Deterministic pseudo-random dialogs built from SMTP fragments and hostile bytes: the
+/// session must not panic, and one-chunk and byte-at-a-time feeding must agree.
+#[test]
+fn random_dialogs_never_panic_and_split_invariant() {
+    const PIECES: &[&[u8]] = &[
+        b"EHLO x\r\n",
+        b"HELO y\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"MAIL FROM:<> SIZE=10\r\n",
+        b"mail from:\"q@x.y\"\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"RCPT TO:<Postmaster>\r\n",
+        b"RCPT TO:<>\r\n",
+        b"DATA\r\n",
+        b".\r\n",
+        b"..\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b".",
+        b"\n.\n",
+        b"\x00\xff\xc3",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"VRFY z\r\n",
+        b"QUIT\r\n",
+        b"text",
+        b"<(x)@[1.2.3.4]>",
+    ];
+    let mut seed: u64 = 0x5eed_1234_abcd_0001;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    let policy = |q: &Query| match q {
+        Query::Rcpt { forward_path, .. } if forward_path.to_string().starts_with('P') => {
+            Reply::new(550, "5.1.1", "no\r\nthanks")
+        }
+        other => accept(other),
+    };
+    for round in 0..300 {
+        let cfg = ServerConfig {
+            max_line_length: 16 + round % 40,
+            max_message_size: (round % 7) as u64 * 10,
+            max_recipients: 1 + round % 3,
+            require_helo: round % 2 == 0,
+            bare_lf_ends_command: round % 3 != 0,
+            bare_linefeed: if round % 2 == 0 {
+                BareLinefeedPolicy::Reject
+            } else {
+                BareLinefeedPolicy::Normalise
+            },
+            address_mode: if round % 5 == 0 {
+                AddressMode::Strict
+            } else {
+                AddressMode::Loose
+            },
+            max_bad_commands: (round % 6) as u32,
+            ..config()
+        };
+        let mut input = Vec::new();
+        for _ in 0..(next() % 40) {
+            input.extend_from_slice(PIECES[next() % PIECES.len()]);
+        }
+        let whole = drive(&cfg, &[&input], &policy);
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(whole, drive(&cfg, &bytes, &policy), "round {round}");
+        let cut = next() % (input.len() + 1);
+        let (a, b) = input.split_at(cut);
+        assert_eq!(
+            whole,
+            drive(&cfg, &[a, b], &policy),
+            "round {round} cut {cut}"
+        );
     }
 }
