@@ -270,6 +270,8 @@ def build_bounce(
         if headers.isascii():
             part3_body = headers
         else:
+            # 8-bit headers (RFC 6532) are UTF-8; quoted-printable keeps the report 7-bit.
+            part3_head[0] += "; charset=utf-8"
             part3_head.append("Content-Transfer-Encoding: quoted-printable")
             part3_body = _quoted_printable(headers)
 

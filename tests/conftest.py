@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import inspect
 import os
 import random
@@ -24,6 +26,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,28 @@ def dns_server() -> Iterator[DnsFactory]:
     yield start
     for server in started:
         _stop(server.proc)
+
+
+# -- reading MIME reports back (typed views over email.message) -------------------------------
+
+
+def parse_message(data: bytes) -> Message:
+    return email.message_from_bytes(data, policy=email.policy.compat32)
+
+
+def mime_parts(msg: Message) -> list[Message]:
+    payload = msg.get_payload()
+    assert isinstance(payload, list), "not a multipart (or message/*) part"
+    return [part for part in payload if isinstance(part, Message)]
+
+
+def decoded_text(part: Message) -> str:
+    data = part.get_payload(decode=True)
+    assert isinstance(data, bytes)
+    charset = part.get_content_charset() or "us-ascii"
+    return data.decode(charset)
+
+
+def dsn_fields(report: Message) -> list[Message]:
+    """The field groups of a report's message/delivery-status part: per-message first."""
+    return mime_parts(mime_parts(report)[1])

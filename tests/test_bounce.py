@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import email
-import email.message
-import email.policy
 import re
 
 from appliance.bounce import build_bounce, format_expired, format_reply, parse_reply_record
 from appliance.queue import MessageRecord, RecipientRecord
+from tests.conftest import decoded_text, mime_parts, parse_message
 
 ORIGINAL = (
     b"Received: from client.example (client.example [192.0.2.9])\r\n"
@@ -57,10 +55,6 @@ def record(mail_params: list[tuple[str, str | None]] | None = None) -> MessageRe
     )
 
 
-def parse(data: bytes) -> email.message.Message:
-    return email.message_from_bytes(data, policy=email.policy.compat32)
-
-
 def test_reply_record_round_trip() -> None:
     rep = parse_reply_record("::1: 550 5.7.1 go away: now")
     assert (rep.host, rep.code, rep.enhanced, rep.text) == ("::1", 550, "5.7.1", "go away: now")
@@ -78,7 +72,7 @@ def test_bounce_structure_and_fields() -> None:
     assert b"\n" not in data.replace(b"\r\n", b"")
     assert b"\r" not in data.replace(b"\r\n", b"")
 
-    msg = parse(data)
+    msg = parse_message(data)
     assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mta.test>"
     assert msg["To"] == "<alice@example.org>"
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
@@ -88,15 +82,14 @@ def test_bounce_structure_and_fields() -> None:
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
 
-    human, status, headers = msg.get_payload()
-    assert isinstance(human, email.message.Message)
-    text = human.get_payload(decode=True).decode()
+    human, status, headers = mime_parts(msg)
+    text = decoded_text(human)
     assert "<bob@example.net>: host mx.example.net[127.0.0.2] said: 550 5.1.1 user unknown" in text
     assert "<carol@example.com>:" in text and "queue lifetime" in text
     assert "<dave@null.example>: 556 5.1.10 domain accepts no mail" in text
 
     assert status.get_content_type() == "message/delivery-status"
-    per_message, bob, carol, dave = status.get_payload()
+    per_message, bob, carol, dave = mime_parts(status)
     assert per_message["Reporting-MTA"] == "dns; mta.test"
     assert per_message["Arrival-Date"] == "Wed, 31 Dec 2025 23:00:00 GMT"
     assert bob["Final-Recipient"] == "rfc822; bob@example.net"
@@ -113,20 +106,20 @@ def test_bounce_structure_and_fields() -> None:
     assert dave["Remote-MTA"] is None
 
     assert headers.get_content_type() == "text/rfc822-headers"
-    original_headers = headers.get_payload()
+    original_headers = decoded_text(headers)
     assert "Subject: hello" in original_headers
     assert "the body" not in original_headers
 
 
 def test_ret_full_returns_the_whole_message_and_envid() -> None:
     rec = record([("RET", "FULL"), ("ENVID", "abc+2B1")])
-    msg = parse(build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW))
-    _, status, returned = msg.get_payload()
-    assert status.get_payload()[0]["Original-Envelope-Id"] == "abc+1"
+    msg = parse_message(build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW))
+    _, status, returned = mime_parts(msg)
+    assert mime_parts(status)[0]["Original-Envelope-Id"] == "abc+1"
     assert returned.get_content_type() == "message/rfc822"
-    (inner,) = returned.get_payload()
+    (inner,) = mime_parts(returned)
     assert inner["Subject"] == "hello"
-    assert inner.get_payload() == "the body\r\n.leading dot\r\n"
+    assert decoded_text(inner) == "the body\r\n.leading dot\r\n"
 
 
 def test_non_ascii_content_stays_7bit() -> None:
@@ -137,19 +130,21 @@ def test_non_ascii_content_stays_7bit() -> None:
     original = "Subject: grüße\r\n\r\nkörper\r\n".encode()
     data = build_bounce(rec, rec.recipients[:1], original, "mta.test", NOW)
     assert data.isascii()
-    msg = parse(data)
-    human, status, headers = msg.get_payload()
-    assert "jürgen" in human.get_payload(decode=True).decode("utf-8")
+    msg = parse_message(data)
+    human, status, headers = mime_parts(msg)
+    assert "jürgen" in decoded_text(human)
     assert (
-        status.get_payload()[1]["Diagnostic-Code"]
+        mime_parts(status)[1]["Diagnostic-Code"]
         == "smtp; 550 5.1.1 Benutzer unbekannt: j\\x{FC}rgen"
     )
     assert headers["Content-Transfer-Encoding"] == "quoted-printable"
-    assert headers.get_payload(decode=True).decode() == "Subject: grüße\r\n"
+    assert decoded_text(headers) == "Subject: grüße\r\n"
 
 
 def test_bounce_to_postmaster() -> None:
     rec = record()
     rec.sender = ""
-    msg = parse(build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW, to="pm@mta.test"))
+    msg = parse_message(
+        build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW, to="pm@mta.test")
+    )
     assert msg["To"] == "<pm@mta.test>"

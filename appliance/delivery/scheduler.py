@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from appliance.bounce import build_bounce, format_expired, format_reply
+from appliance.bounce import build_bounce, format_expired, format_reply, parse_reply_record
 from appliance.config import Config
 from appliance.delivery.routing import Router
 from appliance.delivery.smtp_client import (
@@ -384,6 +384,7 @@ class DeliveryScheduler:
                     "deferred",
                     qid=record.qid,
                     recipient=rcpt.address,
+                    host=parse_reply_record(rcpt.last_reply).host,
                     reply=rcpt.last_reply,
                     next_attempt=record.next_attempt,
                 )
