@@ -1,0 +1,92 @@
+"""Fixtures of the end-to-end suite (the machinery is in tests/e2e/harness.py).
+
+- `sluice`: a factory that writes a TOML configuration into tmp_path and starts
+  `sluice run` on it (see `harness.Sluice`); every server is stopped with SIGTERM (then
+  SIGKILL) at teardown.
+- `wire_sink`: a factory for `harness.WireSink`, a next hop that keeps DATA as raw bytes.
+The rootdir conftest (tests/conftest.py) provides `smtp_sink` and `dns_server`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    Sluice,
+    SluiceFactory,
+    WireSink,
+    loopback_addresses,
+    pick_port,
+    write_config,
+)
+
+
+@pytest.fixture
+def sluice(tmp_path: Path) -> Iterator[SluiceFactory]:
+    """Factory: `sluice(routes=..., listener=..., delivery=..., dns=..., top=...,
+    start=True)` writes a config and (by default) starts `sluice run` on it."""
+    servers: list[Sluice] = []
+
+    def make(
+        *,
+        routes: Mapping[str, list[str]] | None = None,
+        listener: Mapping[str, object] | None = None,
+        delivery: Mapping[str, object] | None = None,
+        dns: Mapping[str, object] | None = None,
+        top: Mapping[str, object] | None = None,
+        start: bool = True,
+    ) -> Sluice:
+        workdir = tmp_path / f"sluice{len(servers)}"
+        workdir.mkdir()
+        port = pick_port()
+        server = Sluice(
+            workdir=workdir,
+            config_path=workdir / "sluice.toml",
+            data_dir=workdir / "data",
+            log_path=workdir / "events.jsonl",
+            host="127.0.0.1",
+            port=port,
+        )
+        write_config(
+            server.config_path,
+            data_dir=server.data_dir,
+            log_path=server.log_path,
+            port=port,
+            routes=routes,
+            listener=listener,
+            delivery=delivery,
+            dns=dns,
+            top=top,
+        )
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop(timeout=10)
+
+
+@pytest.fixture
+def wire_sink() -> Iterator[Callable[[], WireSink]]:
+    started: list[WireSink] = []
+
+    def start() -> WireSink:
+        host = loopback_addresses(1)[0]
+        sink = WireSink(host, pick_port(host))
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a long end-to-end test (about a minute at most)")
