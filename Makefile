@@ -10,7 +10,8 @@ PYTHON  ?= python3
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages venv native run test lint rust-test py-test fmt bench-body-store clean
+.PHONY: setup system-packages venv native run test lint rust-test py-test fmt bench-body-store \
+	fuzz fuzz-props isemail-doc clean
 
 setup: system-packages venv native
 
@@ -56,6 +57,23 @@ fmt:
 
 bench-body-store: setup
 	$(PY) bench/body_store.py
+
+# Fuzzing (not part of `make test`): each target for FUZZ_SECONDS (default 120).
+# cargo-fuzz wants nightly features; RUSTC_BOOTSTRAP lets the stable toolchain provide them.
+FUZZ_SECONDS ?= 120
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install --quiet cargo-fuzz
+	cd fuzz && for t in session address data_decoder bdat; do \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -dict=smtp.dict || exit 1; \
+	done
+
+# The fuzz properties as plain tests with many more rounds, on the stable toolchain.
+fuzz-props:
+	SLUICE_PROP_ROUNDS=20000 cargo test --release -p smtp-proto --test fuzz_props
+
+# Regenerate rust/smtp-proto/docs/isemail.md from the isemail corpus.
+isemail-doc:
+	SLUICE_WRITE_ISEMAIL_DOC=1 cargo test -p smtp-proto --test isemail
 
 clean:
 	rm -rf $(VENV) target var

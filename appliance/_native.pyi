@@ -6,6 +6,7 @@ points, in batches: `fileno()` becomes readable when requests are pending, `take
 drains them all, `answer()` returns any number of verdicts in one call.
 """
 
+import os
 from typing import Final, Literal
 
 RequestKind = Literal["connect", "mail", "rcpt", "data"]
@@ -21,6 +22,7 @@ class Request:
     peer_port: Final[int]
     local_ip: Final[str]
     local_port: Final[int]
+    tls: Final[str | None]  # after STARTTLS: "TLSv1.3 TLS13_AES_256_GCM_SHA384"; else None
     helo: Final[str | None]  # HELO/EHLO name given so far, if any
     esmtp: Final[bool]  # the client greeted with EHLO
     address: Final[str]  # mail: reverse path ("" for <>); rcpt: forward path
@@ -49,10 +51,25 @@ class ListenerSpec:
         command_timeout: float = 300.0,
         data_timeout: float = 600.0,
         max_connections: int = 1000,
-    ) -> None: ...
+        max_connections_per_ip: int = 50,
+        starttls: bool = False,
+        tls_certificate: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Settings of one listener; ValueError for a bad value.
+
+        Connections beyond `max_connections` (all clients) or `max_connections_per_ip`
+        (one client address) get 421 4.7.0 and are closed before the greeting.
+        With `starttls`, EHLO offers STARTTLS (RFC 3207) using `tls_certificate` and
+        `tls_key` (PEM files, both or neither); with neither, a self-signed certificate
+        for `hostname` is made in `tls_dir` on first use (self-signed.pem, self-signed.key
+        with mode 0600) and reused later. The files are read by `Server()`.
+        """
 
 class Server:
-    """Binds every listener at construction (OSError if an address cannot be bound)."""
+    """Binds every listener at construction: OSError if an address cannot be bound,
+    TlsError (an OSError) if a listener's certificate or key cannot be used."""
 
     def __init__(self, listeners: list[ListenerSpec], io_threads: int = 2) -> None: ...
     def fileno(self) -> int: ...
@@ -67,6 +84,10 @@ class Server:
         """Close every session: an idle one gets 421 4.3.2, a pending question is refused."""
 
 class AddressError(ValueError): ...
+
+class TlsError(OSError):
+    """A listener's TLS certificate or key cannot be used; the message names the listener,
+    the setting (tls_certificate / tls_key) and the file."""
 
 def parse_path(text: str, strict: bool = False, utf8: bool = False) -> str:
     """Parse an envelope path with the same parser the listener uses; returns the mailbox

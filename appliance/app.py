@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 
@@ -30,7 +31,11 @@ from appliance.queue import Queue
 SHUTDOWN_GRACE_SECONDS = 30.0
 
 
-def listener_spec(listener: ListenerConfig, hostname: str) -> ListenerSpec:
+def listener_spec(
+    listener: ListenerConfig, hostname: str, tls_dir: Path | None = None
+) -> ListenerSpec:
+    """The native listener settings; `tls_dir` keeps the self-signed certificate made when
+    STARTTLS is on and no certificate is configured (`<data_dir>/tls`)."""
     return ListenerSpec(
         listener.name,
         listener.address,
@@ -46,6 +51,11 @@ def listener_spec(listener: ListenerConfig, hostname: str) -> ListenerSpec:
         command_timeout=listener.command_timeout,
         data_timeout=listener.data_timeout,
         max_connections=listener.max_connections,
+        max_connections_per_ip=listener.max_connections_per_ip,
+        starttls=listener.starttls,
+        tls_certificate=listener.tls_certificate,
+        tls_key=listener.tls_key,
+        tls_dir=tls_dir,
     )
 
 
@@ -57,7 +67,7 @@ async def serve(config: Config) -> int:
     router = Router(config)
     scheduler = DeliveryScheduler(queue, router, config)
     policy = Policy(config)
-    specs = [listener_spec(lc, config.hostname) for lc in config.listeners]
+    specs = [listener_spec(lc, config.hostname, config.data_dir / "tls") for lc in config.listeners]
     try:
         server = Server(specs)
     except OSError as exc:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ class ListenerConfig:
     command_timeout: float = 300
     data_timeout: float = 600
     max_connections: int = 1000
+    # One client address may hold this many sessions; more get 421 4.7.0.
+    max_connections_per_ip: int = 50
+    # STARTTLS (RFC 3207) with tls_certificate / tls_key (PEM), or without them with a
+    # self-signed certificate for the hostname made on first start in <data_dir>/tls/.
+    starttls: bool = True
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -403,6 +411,10 @@ _LISTENER_KEYS = {
     "command_timeout": parse_duration,
     "data_timeout": parse_duration,
     "max_connections": _positive_int,
+    "max_connections_per_ip": _positive_int,
+    "starttls": _bool,
+    "tls_certificate": None,
+    "tls_key": None,
 }
 
 
@@ -413,8 +425,61 @@ def _line_length(value: object) -> int:
     return value
 
 
-def _parse_listener(r: _Reader) -> ListenerConfig:
+_PEM_LABEL = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\s*$", re.MULTILINE)
+
+
+def _pem_file(r: _Reader, key: str, base_dir: Path | None, wanted: str) -> Path | None:
+    """A PEM file setting: the path (relative to the config file), readable, holding a
+    block whose label ends in `wanted` ("CERTIFICATE" or "PRIVATE KEY")."""
+    if key not in r.table:
+        return None
+    key_path = r.key_path(key)
+    path = Path(r.convert(key_path, _string, r.table[key]))
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise r.error(key_path, f"cannot read {path}: {exc.strerror or exc}") from None
+    labels = [m.group(1).decode() for m in _PEM_LABEL.finditer(data)]
+    if not any(label.endswith(wanted) for label in labels):
+        found = ", ".join(labels) or "no PEM block"
+        raise r.error(key_path, f"expected a PEM {wanted} in {path}, found {found}")
+    if wanted == "PRIVATE KEY" and "ENCRYPTED PRIVATE KEY" in labels:
+        raise r.error(key_path, f"expected an unencrypted private key in {path}")
+    return path
+
+
+def _no_password() -> bytes:
+    # Called by OpenSSL only for an encrypted key: never prompt on the terminal.
+    raise ValueError("the key is encrypted")
+
+
+def _tls_files(r: _Reader, base_dir: Path | None) -> tuple[Path | None, Path | None]:
+    cert = _pem_file(r, "tls_certificate", base_dir, "CERTIFICATE")
+    key = _pem_file(r, "tls_key", base_dir, "PRIVATE KEY")
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        missing, given = (
+            ("tls_key", "tls_certificate") if key is None else ("tls_certificate", "tls_key")
+        )
+        raise r.error(r.key_path(missing), f"expected together with {given}")
+    try:
+        # The standard library parses both and checks that the key fits the certificate,
+        # so `sluice config check` catches what the listener would refuse at start-up.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise r.error(
+            r.key_path("tls_certificate"),
+            f"expected a certificate and key that belong together: {cert} and {key}: {exc}",
+        ) from None
+    return cert, key
+
+
+def _parse_listener(r: _Reader, base_dir: Path | None = None) -> ListenerConfig:
     r.check_keys(_LISTENER_KEYS)
+    tls_certificate, tls_key = _tls_files(r, base_dir)
     d = ListenerConfig()
     simple: dict[str, Any] = {}
     for key, parse in _LISTENER_KEYS.items():
@@ -425,6 +490,8 @@ def _parse_listener(r: _Reader) -> ListenerConfig:
         relay_networks=r.array("relay_networks", _network, d.relay_networks),
         accepted_domains=r.array("accepted_domains", _domain_pattern, d.accepted_domains),
         max_line_length=r.get("max_line_length", _line_length, d.max_line_length),
+        tls_certificate=tls_certificate,
+        tls_key=tls_key,
     )
 
 
@@ -526,7 +593,7 @@ def _build(source: str, doc: Mapping[str, Any], base_dir: Path | None) -> Config
         for i, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise r.error(f"listeners[{i}]", "expected a table", item)
-            parsed.append(_parse_listener(_Reader(source, f"listeners[{i}]", item)))
+            parsed.append(_parse_listener(_Reader(source, f"listeners[{i}]", item), base_dir))
         listeners = tuple(parsed)
     names: set[str] = set()
     addresses: set[tuple[str, int]] = set()

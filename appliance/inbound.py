@@ -64,6 +64,7 @@ class MessageAcceptor:
             esmtp=request.esmtp,
             qid=qid,
             recipients=recipients,
+            tls=request.tls,
             now=now,
         )
         stored = header + body

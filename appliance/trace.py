@@ -1,7 +1,8 @@
 """Trace headers and mail-loop detection (RFC 5321 sections 4.4 and 6.3).
 
 Every message Sluice accepts gets a Received: header naming the client (HELO name and
-IP), this host, the protocol and the queue id. A message already carrying more than
+IP), this host, the protocol (ESMTPS after STARTTLS, RFC 3848, with the TLS version and
+cipher suite in a comment) and the queue id. A message already carrying more than
 `MAX_RECEIVED` Received: headers is refused as a loop with 554 5.4.6, the threshold the
 product decided on (RFC 5321 section 6.3 suggests at least 100).
 """
@@ -59,7 +60,8 @@ def received_header(
     lines = [f"Received: from {helo_part} ([{literal}])", f"\tby {_clean(hostname)} (Sluice)"]
     with_part = f"\twith {protocol} id {qid}"
     if tls:
-        with_part += f" ({_clean(tls)})"
+        # "TLSv1.3 TLS13_AES_256_GCM_SHA384" from the listener: keep its space.
+        with_part += f" ({' '.join(_clean(word) for word in tls.split())})"
     lines.append(with_part)
     if len(recipients) == 1 and "\r" not in recipients[0] and "\n" not in recipients[0]:
         lines.append(f"\tfor <{recipients[0]}>;")

@@ -50,6 +50,8 @@ pub struct ConnectionFacts {
     pub peer_port: u16,
     pub local_ip: String,
     pub local_port: u16,
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" once STARTTLS has completed.
+    pub tls: Option<String>,
 }
 
 #[derive(Debug)]
@@ -175,7 +177,8 @@ impl Bridge {
 }
 
 /// A poisoned lock only means another thread panicked mid-update of a plain list or map;
-/// the data is still consistent enough to keep serving, so recover it.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// the data is still consistent enough to keep serving, so recover it (the connection
+/// counts in `io` too: refusing every later connection would be worse).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

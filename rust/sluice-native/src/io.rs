@@ -1,22 +1,46 @@
-//! Inbound socket I/O: listeners, one task per SMTP session, timeouts.
+//! Inbound socket I/O: listeners, connection limits, one task per SMTP session, STARTTLS,
+//! timeouts.
 //!
 //! Runs on a small fixed pool of tokio threads with no GIL. Each session task feeds the
 //! bytes it reads into `smtp_proto::ServerSession` and carries out the steps it returns:
-//! write reply bytes, put a policy question to Python over the bridge, or close. The
-//! state machine decides everything about the dialog; this module only moves bytes and
-//! keeps time (RFC 5321 section 4.5.3.2 timeouts, configured per listener).
+//! write reply bytes, put a policy question to Python over the bridge, switch to TLS
+//! (RFC 3207), or close. The state machine decides everything about the dialog; this
+//! module only moves bytes, keeps time and counts connections.
+//!
+//! Timeouts (RFC 5321 section 4.5.3.2), per listener:
+//! - `command_timeout` bounds each wait for client bytes between commands and each write
+//!   of our replies; `data_timeout` bounds each wait for bytes of a message body. Both are
+//!   idle timeouts per read, as the RFC defines them, not a bound on a whole command line
+//!   or message: a client sending one byte just inside the timeout keeps its session
+//!   alive. That costs only its own task, its own socket and buffers bounded by
+//!   `max_line_length` / `max_message_size` (no thread, no lock is held while waiting),
+//!   and `max_connections_per_ip` bounds how many such sessions one address can hold.
+//! - A client that never reads our replies fills its socket buffer; the write then waits,
+//!   bounded by `command_timeout`, and the session closes. Writes are async, so no I/O
+//!   thread is ever blocked by one peer.
+//! - The TLS handshake as a whole is bounded by `command_timeout`.
+//!
+//! Limits, per listener: `max_connections` sessions in all and `max_connections_per_ip`
+//! from one address; a connection beyond either gets 421 4.7.0 and is closed before it
+//! is greeted or Python is asked about it. The per-address count is a map behind a mutex
+//! (O(1) per connect; an address leaves the map when its count drops to zero).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smtp_proto::{Envelope, Query, Reply, ServerConfig, ServerSession, Step};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
-use crate::bridge::{Bridge, ConnectionFacts, Question};
+use crate::bridge::{lock, Bridge, ConnectionFacts, Question};
 
 /// Everything a listener needs, fixed at start-up.
 pub struct ListenerSettings {
@@ -25,6 +49,9 @@ pub struct ListenerSettings {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Present when STARTTLS is offered (`protocol.starttls`).
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Shared by all sessions of the server.
@@ -40,6 +67,65 @@ pub struct Shared {
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Sessions of one listener, in all and per client address.
+struct Occupancy {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Why a connection was refused before its greeting.
+enum Refusal {
+    Listener,
+    Address,
+}
+
+/// A claimed place in the listener's limits; dropping it gives the place back.
+struct Slot {
+    occupancy: Arc<Occupancy>,
+    ip: IpAddr,
+}
+
+impl Occupancy {
+    fn claim(self: &Arc<Self>, ip: IpAddr, settings: &ListenerSettings) -> Result<Slot, Refusal> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= settings.max_connections {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Listener);
+        }
+        {
+            let mut per_ip = lock(&self.per_ip);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= settings.max_connections_per_ip {
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+                drop(per_ip);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::Address);
+            }
+            *count += 1;
+        }
+        Ok(Slot {
+            occupancy: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut per_ip = lock(&self.occupancy.per_ip);
+            if let Some(count) = per_ip.get_mut(&self.ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+        self.occupancy.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Accept connections until told to stop accepting.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -47,7 +133,10 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     let mut stop = shared.stop_accepting.subscribe();
-    let listener_active = Arc::new(AtomicUsize::new(0));
+    let occupancy = Arc::new(Occupancy {
+        total: AtomicUsize::new(0),
+        per_ip: Mutex::new(HashMap::new()),
+    });
     loop {
         let accepted = tokio::select! {
             biased;
@@ -65,47 +154,115 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let settings = Arc::clone(&settings);
         let shared = Arc::clone(&shared);
-        let listener_active = Arc::clone(&listener_active);
+        // Claimed here, on the accept task, so the limits are exact in accept order.
+        let slot = occupancy.claim(canonical_ip(peer.ip()), &settings);
+        shared.active.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            shared.active.fetch_add(1, Ordering::AcqRel);
-            let over_limit =
-                listener_active.fetch_add(1, Ordering::AcqRel) >= settings.max_connections;
-            if over_limit {
-                refuse(stream, &settings.protocol.hostname).await;
-            } else {
-                Session::new(stream, peer, settings, Arc::clone(&shared))
-                    .run()
-                    .await;
+            match slot {
+                Ok(slot) => {
+                    Session::new(stream, peer, Arc::clone(&settings), Arc::clone(&shared))
+                        .run()
+                        .await;
+                    drop(slot);
+                }
+                Err(refusal) => refuse(stream, &settings.protocol.hostname, refusal).await,
             }
-            listener_active.fetch_sub(1, Ordering::AcqRel);
             shared.active.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
-async fn refuse(mut stream: TcpStream, hostname: &str) {
-    let reply = Reply::new(
-        421,
-        "4.7.0",
-        &format!("{hostname} too many connections, try again later"),
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
-    let _ = stream.shutdown().await;
+async fn refuse(mut stream: TcpStream, hostname: &str, refusal: Refusal) {
+    let text = match refusal {
+        Refusal::Listener => format!("{hostname} too many connections, try again later"),
+        Refusal::Address => {
+            format!("{hostname} too many connections from your address, try again later")
+        }
+    };
+    let reply = Reply::new(421, "4.7.0", &text);
+    // Bounded: a refused client that never reads must not hold even this task for long.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&reply.to_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// The address limits count: an IPv4 client on a dual-stack socket counts as its IPv4.
+fn canonical_ip(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
 }
 
 /// Render an address so IPv4 clients on a dual-stack socket show as plain IPv4.
 fn plain_ip(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => v6.to_string(),
-        },
-        IpAddr::V4(v4) => v4.to_string(),
+    canonical_ip(addr).to_string()
+}
+
+/// The session's byte stream: plain TCP until STARTTLS, TLS over the same TCP after.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only while the TCP stream is lent to the TLS handshake; a failed handshake
+    /// leaves it here, and every use fails.
+    Detached,
+}
+
+fn detached() -> std::io::Error {
+    std::io::ErrorKind::NotConnected.into()
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Detached => Poll::Ready(Ok(())),
+        }
     }
 }
 
 struct Session {
-    stream: TcpStream,
+    stream: Conn,
     settings: Arc<ListenerSettings>,
     shared: Arc<Shared>,
     facts: ConnectionFacts,
@@ -138,10 +295,11 @@ impl Session {
             peer_port: peer.port(),
             local_ip: plain_ip(local.ip()),
             local_port: local.port(),
+            tls: None,
         };
         let machine = ServerSession::new(settings.protocol.clone());
         Session {
-            stream,
+            stream: Conn::Plain(stream),
             settings,
             shared,
             facts,
@@ -184,10 +342,17 @@ impl Session {
                     self.machine.answer(reply);
                 }
                 Step::Close => {
+                    let _ = self.flush().await;
+                    return End::Gone;
+                }
+                Step::StartTls => {
+                    // The 220 goes out in plain text, before the handshake.
                     if self.flush().await.is_err() {
                         return End::Gone;
                     }
-                    return End::Gone;
+                    if let Err(end) = self.start_tls(&mut shutdown).await {
+                        return end;
+                    }
                 }
                 Step::NeedInput => {
                     if self.flush().await.is_err() {
@@ -226,6 +391,44 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Switch the session to TLS after the machine said `220 Ready to start TLS`.
+    ///
+    /// Command injection (CVE-2011-0411 and kin): plain-text bytes that followed the
+    /// STARTTLS line must never run as commands inside the TLS session. The machine drops
+    /// what it has buffered when it returns `StartTls`; this loop holds nothing of its
+    /// own, because every read is handed to the machine whole before it steps. Plain
+    /// bytes still in the kernel's socket buffer are read by the handshake as TLS
+    /// records, which fails it and closes the connection. Only bytes decrypted from the
+    /// TLS stream reach the machine afterwards.
+    ///
+    /// A failed or timed-out handshake closes the connection without a reply (the TLS
+    /// state is unknown, so nothing can be said); Python is not asked anything more.
+    async fn start_tls(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), End> {
+        let acceptor = match (&self.settings.tls, &self.stream) {
+            (Some(acceptor), Conn::Plain(_)) => acceptor.clone(),
+            // The machine only offers STARTTLS when configured and not yet in TLS.
+            _ => return Err(End::Gone),
+        };
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.stream, Conn::Detached) else {
+            return Err(End::Gone);
+        };
+        let handshake = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp));
+        let tls = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return Err(End::Gone),
+            r = handshake => match r {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(_)) | Err(_) => return Err(End::Gone),
+            },
+        };
+        self.facts.tls = Some(crate::tls::describe(tls.get_ref().1));
+        self.stream = Conn::Tls(Box::new(tls));
+        // RFC 3207 section 4.2: forget everything learnt before the handshake.
+        self.machine.tls_started();
+        self.sender.clear();
+        Ok(())
     }
 
     /// Turn the machine's query into a bridge question, remembering the sender.
@@ -289,7 +492,13 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
-        let write = self.stream.write_all(&self.out);
+        // Over TLS, write_all may leave records inside rustls: flush pushes them out.
+        let out = &self.out;
+        let stream = &mut self.stream;
+        let write = async move {
+            stream.write_all(out).await?;
+            stream.flush().await
+        };
         match tokio::time::timeout(self.settings.command_timeout, write).await {
             Ok(result) => result?,
             Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),

@@ -1,15 +1,18 @@
 //! `appliance._native`: the PyO3 binding of Sluice.
 //!
-//! Owns inbound SMTP socket I/O (module `io`) on its own tokio threads and crosses into
-//! Python only at policy points, in batches (module `bridge`). Also exposes the envelope
+//! Owns inbound SMTP socket I/O (module `io`) on its own tokio threads, with STARTTLS
+//! certificates loaded or made at start-up (module `tls`), and crosses into Python only
+//! at policy points, in batches (module `bridge`). Also exposes the envelope
 //! address parser and dot-stuffing of `smtp-proto`, so Python uses the same code as the
 //! listener. Errors are mapped to Python exceptions here, at the boundary, and nowhere else.
 //! The typed interface is `appliance/_native.pyi`.
 
 mod bridge;
 mod io;
+mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +28,9 @@ use crate::bridge::{Bridge, PendingQuestion, Question};
 use crate::io::{ListenerSettings, Shared};
 
 create_exception!(_native, AddressError, PyValueError);
+// An OSError like ssl.SSLError, so start-up code that reports OSError from Server()
+// (an address that cannot be bound) reports unusable TLS files the same way.
+create_exception!(_native, TlsError, PyOSError);
 
 type Params = Vec<(String, Option<String>)>;
 
@@ -39,6 +45,7 @@ struct Request {
     peer_port: u16,
     local_ip: String,
     local_port: u16,
+    tls: Option<String>,
     helo: Option<String>,
     esmtp: bool,
     address: String,
@@ -79,6 +86,7 @@ impl Request {
             peer_port: facts.peer_port,
             local_ip: facts.local_ip,
             local_port: facts.local_port,
+            tls: facts.tls,
             helo,
             esmtp,
             address: String::new(),
@@ -134,6 +142,10 @@ struct ListenerSpec {
     command_timeout: f64,
     data_timeout: f64,
     max_connections: usize,
+    max_connections_per_ip: usize,
+    tls_certificate: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
 }
 
 #[pymethods]
@@ -142,7 +154,8 @@ impl ListenerSpec {
     #[pyo3(signature = (name, address, hostname, *, max_line_length=4096, max_message_size=10485760,
         max_recipients=1000, require_helo=false, bare_lf_ends_command=true, bare_linefeed="reject",
         address_mode="loose", max_bad_commands=20, command_timeout=300.0, data_timeout=600.0,
-        max_connections=1000))]
+        max_connections=1000, max_connections_per_ip=50, starttls=false, tls_certificate=None,
+        tls_key=None, tls_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         name: String,
@@ -159,6 +172,11 @@ impl ListenerSpec {
         command_timeout: f64,
         data_timeout: f64,
         max_connections: usize,
+        max_connections_per_ip: usize,
+        starttls: bool,
+        tls_certificate: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_dir: Option<PathBuf>,
     ) -> PyResult<Self> {
         let bare_linefeed = match bare_linefeed {
             "reject" => BareLinefeedPolicy::Reject,
@@ -194,6 +212,26 @@ impl ListenerSpec {
                 "max_line_length: expected at least 512 (RFC 5321 4.5.3.1.4)",
             ));
         }
+        if tls_certificate.is_some() != tls_key.is_some() {
+            return Err(PyValueError::new_err(
+                "tls_certificate and tls_key: give both or neither",
+            ));
+        }
+        if starttls && tls_certificate.is_none() && tls_dir.is_none() {
+            return Err(PyValueError::new_err(
+                "starttls: needs tls_certificate and tls_key, or tls_dir for a self-signed one",
+            ));
+        }
+        for (key, value) in [
+            ("max_connections", max_connections),
+            ("max_connections_per_ip", max_connections_per_ip),
+        ] {
+            if value == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "{key}: expected a positive integer"
+                )));
+            }
+        }
         let settings = ServerConfig {
             hostname,
             max_line_length,
@@ -204,6 +242,7 @@ impl ListenerSpec {
             bare_linefeed,
             address_mode,
             max_bad_commands,
+            starttls,
         };
         Ok(ListenerSpec {
             name,
@@ -212,6 +251,10 @@ impl ListenerSpec {
             command_timeout,
             data_timeout,
             max_connections,
+            max_connections_per_ip,
+            tls_certificate,
+            tls_key,
+            tls_dir,
         })
     }
 
@@ -251,6 +294,11 @@ impl Server {
         let mut bound_listeners = Vec::new();
         let mut bound = Vec::new();
         for spec in &listeners {
+            let tls = if spec.settings.starttls {
+                Some(tls_acceptor(spec)?)
+            } else {
+                None
+            };
             let addr = resolve_listen_address(&spec.address)?;
             let std_listener = bind(addr).map_err(|e| {
                 PyOSError::new_err(format!(
@@ -268,6 +316,8 @@ impl Server {
                 command_timeout: Duration::from_secs_f64(spec.command_timeout),
                 data_timeout: Duration::from_secs_f64(spec.data_timeout),
                 max_connections: spec.max_connections,
+                max_connections_per_ip: spec.max_connections_per_ip,
+                tls,
             };
             bound_listeners.push((std_listener, Arc::new(settings)));
         }
@@ -347,6 +397,23 @@ impl Server {
     }
 }
 
+/// The listener's TLS acceptor: its configured files, or the self-signed pair in `tls_dir`.
+fn tls_acceptor(spec: &ListenerSpec) -> PyResult<tokio_rustls::TlsAcceptor> {
+    let err = |e: tls::TlsSetupError| TlsError::new_err(format!("listener {}: {e}", spec.name));
+    let (cert, key) = match (&spec.tls_certificate, &spec.tls_key, &spec.tls_dir) {
+        (Some(cert), Some(key), _) => (cert.clone(), key.clone()),
+        (_, _, Some(dir)) => tls::self_signed(dir, &spec.settings.hostname).map_err(err)?,
+        // ListenerSpec::new refuses STARTTLS with neither.
+        _ => {
+            return Err(TlsError::new_err(format!(
+                "listener {}: no certificate",
+                spec.name
+            )))
+        }
+    };
+    tls::acceptor(&cert, &key).map_err(err)
+}
+
 fn resolve_listen_address(address: &str) -> PyResult<SocketAddr> {
     let mut addrs = address
         .to_socket_addrs()
@@ -392,6 +459,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ListenerSpec>()?;
     m.add_class::<Server>()?;
     m.add("AddressError", m.py().get_type::<AddressError>())?;
+    m.add("TlsError", m.py().get_type::<TlsError>())?;
     m.add_function(wrap_pyfunction!(parse_path, m)?)?;
     m.add_function(wrap_pyfunction!(dot_stuff, m)?)?;
     Ok(())

@@ -156,19 +156,29 @@ fn is_atext(b: u8) -> bool {
 
 /// Characters that render as nothing or reorder text: a mailbox holding one can look like
 /// another mailbox to a person (RFC 6531 leaves this to the receiver; RFC 8264 disallows
-/// these in identifiers). C1 controls are controls like their ASCII siblings.
+/// these in identifiers). C1 controls are controls like their ASCII siblings. The list is
+/// Unicode's Default_Ignorable_Code_Point set plus the bidi controls, the line and
+/// paragraph separators and the interlinear annotation characters.
 fn is_forbidden_char(c: char) -> bool {
     matches!(c,
         '\u{0080}'..='\u{009F}'
         | '\u{00AD}'
+        | '\u{034F}'
         | '\u{061C}'
-        | '\u{180E}'
+        | '\u{115F}'..='\u{1160}'
+        | '\u{17B4}'..='\u{17B5}'
+        | '\u{180B}'..='\u{180F}'
         | '\u{200B}'..='\u{200F}'
         | '\u{2028}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}'
-        | '\u{2066}'..='\u{206F}'
+        | '\u{2060}'..='\u{206F}'
+        | '\u{3164}'
+        | '\u{FE00}'..='\u{FE0F}'
         | '\u{FEFF}'
-        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{FFA0}'
+        | '\u{FFF0}'..='\u{FFFB}'
+        | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}'
     )
 }
 

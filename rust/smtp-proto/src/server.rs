@@ -2,11 +2,16 @@
 //!
 //! Follows RFC 5321 (commands, sequencing, replies: sections 3, 4.1, 4.2, 4.3.2, 4.5.3),
 //! RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 2920 (PIPELINING), RFC 2034 and RFC 3463
-//! (enhanced status codes). Driven by the binding crate (`sluice-native`), which owns the
-//! socket: it feeds what the client sent with [`ServerSession::receive`], calls
+//! (enhanced status codes), RFC 3207 (STARTTLS, protocol side), RFC 6531 (SMTPUTF8),
+//! RFC 3030 (CHUNKING / BDAT) and RFC 3461 (DSN parameters; see `params`). EHLO
+//! advertises an extension only when all of it works here.
+//!
+//! Driven by the binding crate (`sluice-native`), which owns the socket and the TLS
+//! handshake: it feeds what the client sent with [`ServerSession::receive`], calls
 //! [`ServerSession::step`] until it gets [`Step::NeedInput`], writes the bytes of each
 //! [`Step::Write`], hands each [`Step::Ask`] to policy (Python) and returns the verdict
-//! with [`ServerSession::answer`]. The session never decides policy; it only owns the
+//! with [`ServerSession::answer`], and on [`Step::StartTls`] runs the handshake and calls
+//! [`ServerSession::tls_started`]. The session never decides policy; it only owns the
 //! protocol: syntax, sequencing, limits, and the replies that follow from them.
 //!
 //! Pipelining (RFC 2920): replies come out strictly in command order. Commands that need
@@ -19,12 +24,29 @@
 //!
 //! Memory: a command line is buffered up to `max_line_length`; a longer one is answered
 //! with 500 and discarded up to its line end without being stored. A body is stored up
-//! to `max_message_size` only (see `data`).
+//! to `max_message_size` only (see `data` and `bdat`); a BDAT chunk size is a count of
+//! octets to consume, never an allocation.
+//!
+//! STARTTLS (RFC 3207): after the 220 the session drops every byte it already holds and
+//! every byte `receive` gets until the binding calls [`ServerSession::tls_started`]: what a
+//! client pipelined after STARTTLS was sent in the clear and must never run inside the TLS
+//! session (CVE-2011-0411). STARTTLS inside a mail transaction is refused with 503 rather
+//! than resetting the transaction silently: RFC 3207 section 4.2 discards all earlier
+//! state anyway, and a client that sends it there has lost track of the dialog.
+//!
+//! BDAT (RFC 3030): a chunk is consumed by count whatever its fate, so the stream stays in
+//! sync; a refused chunk (no transaction, no recipient) is answered after its octets. A
+//! BDAT line whose size cannot be read (missing, not digits, beyond 64 bits) leaves no way
+//! to know where the chunk ends, and reading its octets as commands would let a body run
+//! commands: the session answers 501 5.5.4 and closes.
 
 use std::fmt::Write as _;
 
 use crate::address::{parse_path, AddressMode, Path};
-use crate::data::DataDecoder;
+use crate::bdat::BdatBody;
+use crate::data::{DataDecoder, DataOutcome};
+pub use crate::params::Params;
+use crate::params::{check_mail_params, check_rcpt_params, parse_params, ParamError};
 use crate::reply::Reply;
 
 /// What to do with a bare LF or bare CR inside a message body.
@@ -56,6 +78,8 @@ pub struct ServerConfig {
     /// Syntax and sequencing errors tolerated; at this count: 421 4.7.0 and Close.
     /// 0 disables the limit.
     pub max_bad_commands: u32,
+    /// Offer STARTTLS (RFC 3207); the binding must be able to carry out `Step::StartTls`.
+    pub starttls: bool,
 }
 
 impl Default for ServerConfig {
@@ -70,12 +94,10 @@ impl Default for ServerConfig {
             bare_linefeed: BareLinefeedPolicy::Reject,
             address_mode: AddressMode::Loose,
             max_bad_commands: 20,
+            starttls: false,
         }
     }
 }
-
-/// ESMTP parameters: keyword (upper-cased) and optional value.
-pub type Params = Vec<(String, Option<String>)>;
 
 /// The envelope and body handed to policy when a message is complete.
 #[derive(Clone, Debug)]
@@ -106,6 +128,11 @@ pub enum Step {
     Close,
     /// Feed more bytes with `receive()` (or, while an Ask is open, answer it).
     NeedInput,
+    /// Write everything already returned (the 220 to STARTTLS is in the last Write), then
+    /// run the TLS handshake as server and call `tls_started()`. Until then the session
+    /// drops whatever `receive()` gets and `step()` returns `NeedInput`. If the handshake
+    /// fails, close the connection.
+    StartTls,
 }
 
 /// Coalesced reply bytes are handed out once they reach this size, so a long pipelined
@@ -121,15 +148,38 @@ enum Phase {
     Discard { after_cr: bool },
     /// Reading a message body.
     Data(DataDecoder),
+    /// Counting off the octets of a BDAT chunk.
+    Chunk(Chunk),
+    /// The 220 to STARTTLS is out: input is dropped until `tls_started`.
+    TlsPending,
     /// QUIT or 421: nothing more is read.
     Closed,
+}
+
+/// One BDAT chunk being read.
+#[derive(Debug)]
+struct Chunk {
+    /// Declared size (for the reply).
+    size: u64,
+    /// Octets still to come.
+    remaining: u64,
+    last: bool,
+    /// Why the chunk is refused (its octets are consumed and dropped), or None: stored.
+    refusal: Option<&'static str>,
 }
 
 /// What an open Ask is about, with what `answer` needs to record on a 2xx.
 #[derive(Debug)]
 enum Awaiting {
-    Mail { path: Path, params: Params },
-    Rcpt { path: Path, params: Params },
+    Mail {
+        path: Path,
+        params: Params,
+        smtputf8: bool,
+    },
+    Rcpt {
+        path: Path,
+        params: Params,
+    },
     Message,
 }
 
@@ -139,6 +189,10 @@ struct Transaction {
     reverse_path: Option<Path>,
     mail_params: Params,
     recipients: Vec<(Path, Params)>,
+    /// MAIL carried SMTPUTF8: UTF-8 allowed in the addresses of this transaction.
+    smtputf8: bool,
+    /// The body so far, once a BDAT chunk was accepted.
+    bdat: Option<BdatBody>,
 }
 
 /// Transaction state, the second key of the command table.
@@ -150,6 +204,8 @@ enum TxState {
     Mail,
     /// At least one recipient accepted.
     Rcpt,
+    /// At least one BDAT chunk accepted (RCPT, DATA and MAIL are out of sequence).
+    Bdat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +221,8 @@ enum Verb {
     Vrfy,
     Expn,
     Help,
+    StartTls,
+    Bdat,
     /// Known SMTP commands this server does not offer (yet): 502.
     NotImplemented,
     Unknown,
@@ -183,9 +241,9 @@ fn verb_of(word: &[u8]) -> Verb {
         (b"VRFY", Verb::Vrfy),
         (b"EXPN", Verb::Expn),
         (b"HELP", Verb::Help),
-        (b"STARTTLS", Verb::NotImplemented),
+        (b"BDAT", Verb::Bdat),
+        (b"STARTTLS", Verb::StartTls),
         (b"AUTH", Verb::NotImplemented),
-        (b"BDAT", Verb::NotImplemented),
         (b"ETRN", Verb::NotImplemented),
         (b"TURN", Verb::NotImplemented),
         (b"ATRN", Verb::NotImplemented),
@@ -209,30 +267,55 @@ pub struct ServerSession {
     phase: Phase,
     /// A query decided but not yet returned (replies before it go out first).
     staged: Option<(Query, Awaiting)>,
+    /// `Step::StartTls` is due once the replies before it are out.
+    starttls_due: bool,
     /// The query returned by `step` and not yet answered.
     awaiting: Option<Awaiting>,
     helo: Option<String>,
     esmtp: bool,
+    /// The TLS handshake after STARTTLS (or an implicit-TLS listener) is done.
+    tls: bool,
     tx: Transaction,
     bad_commands: u32,
-    /// Precomputed replies that carry the hostname.
+    /// Precomputed replies that carry the hostname or the offered extensions.
     ehlo_reply: Vec<u8>,
     helo_reply: Vec<u8>,
     quit_reply: Vec<u8>,
+    help_reply: Vec<u8>,
+}
+
+/// The EHLO reply: hostname, then one keyword per line (RFC 5321 section 4.1.1.1). Only
+/// what works end to end is listed; STARTTLS only while it can still be used.
+fn ehlo_reply(config: &ServerConfig, tls: bool) -> Vec<u8> {
+    let mut text = format!(
+        "{}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES\nSMTPUTF8\nDSN\nCHUNKING",
+        config.hostname, config.max_message_size
+    );
+    if config.starttls && !tls {
+        text.push_str("\nSTARTTLS");
+    }
+    Reply::new(250, "", &text).to_bytes()
+}
+
+fn help_reply(config: &ServerConfig, tls: bool) -> Vec<u8> {
+    let starttls = if config.starttls && !tls {
+        " STARTTLS"
+    } else {
+        ""
+    };
+    format!(
+        "214-2.0.0 Sluice SMTP server\r\n\
+         214-2.0.0 Commands: HELO EHLO{starttls} MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP\r\n\
+         214 2.0.0 See RFC 5321\r\n"
+    )
+    .into_bytes()
 }
 
 impl ServerSession {
     pub fn new(config: ServerConfig) -> Self {
         let host = &config.hostname;
-        let ehlo_reply = Reply::new(
-            250,
-            "",
-            &format!(
-                "{host}\nPIPELINING\nSIZE {}\n8BITMIME\nENHANCEDSTATUSCODES",
-                config.max_message_size
-            ),
-        )
-        .to_bytes();
+        let ehlo_reply = ehlo_reply(&config, false);
+        let help_reply = help_reply(&config, false);
         let helo_reply = Reply::new(250, "", host).to_bytes();
         let quit_reply = Reply::new(221, "2.0.0", &format!("{host} closing connection")).to_bytes();
         ServerSession {
@@ -242,14 +325,17 @@ impl ServerSession {
             out: Vec::new(),
             phase: Phase::Command,
             staged: None,
+            starttls_due: false,
             awaiting: None,
             helo: None,
             esmtp: false,
+            tls: false,
             tx: Transaction::default(),
             bad_commands: 0,
             ehlo_reply,
             helo_reply,
             quit_reply,
+            help_reply,
         }
     }
 
@@ -259,9 +345,10 @@ impl ServerSession {
         Reply::new(220, "", &format!("{} ESMTP Sluice", self.config.hostname))
     }
 
-    /// Appends client bytes (any split). After Close they are dropped.
+    /// Appends client bytes (any split). After Close, and between STARTTLS and
+    /// `tls_started`, they are dropped.
     pub fn receive(&mut self, bytes: &[u8]) {
-        if matches!(self.phase, Phase::Closed) {
+        if matches!(self.phase, Phase::Closed | Phase::TlsPending) {
             return;
         }
         self.input.extend_from_slice(bytes);
@@ -283,6 +370,10 @@ impl ServerSession {
             self.awaiting = Some(awaiting);
             return Step::Ask(query);
         }
+        if self.starttls_due {
+            self.starttls_due = false;
+            return Step::StartTls;
+        }
         if matches!(self.phase, Phase::Closed) {
             return Step::Close;
         }
@@ -300,9 +391,14 @@ impl ServerSession {
         let accepted = (200..300).contains(&reply.code);
         self.out.extend_from_slice(&reply.to_bytes());
         match awaiting {
-            Awaiting::Mail { path, params } if accepted => {
+            Awaiting::Mail {
+                path,
+                params,
+                smtputf8,
+            } if accepted => {
                 self.tx.reverse_path = Some(path);
                 self.tx.mail_params = params;
+                self.tx.smtputf8 = smtputf8;
             }
             Awaiting::Rcpt { path, params } if accepted => self.tx.recipients.push((path, params)),
             Awaiting::Message => self.tx = Transaction::default(),
@@ -313,9 +409,37 @@ impl ServerSession {
         }
     }
 
-    /// Reading a message body (the binding applies the DATA timeout).
+    /// The TLS handshake is done: resets the session to its state right after the
+    /// greeting (RFC 3207 section 4.2: no HELO/EHLO name, no transaction, no buffered
+    /// input) and stops offering STARTTLS. The count of bad commands is kept. A binding
+    /// that speaks TLS from the first byte (implicit TLS) calls it before any input.
+    /// After Close it only records TLS.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.ehlo_reply = ehlo_reply(&self.config, true);
+        self.help_reply = help_reply(&self.config, true);
+        if matches!(self.phase, Phase::Closed) {
+            return;
+        }
+        self.phase = Phase::Command;
+        self.input.clear();
+        self.start = 0;
+        self.staged = None;
+        self.awaiting = None;
+        self.starttls_due = false;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = Transaction::default();
+    }
+
+    /// The session runs under TLS (`tls_started` was called).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Reading a message body, DATA or a BDAT chunk (the binding applies the DATA timeout).
     pub fn in_data(&self) -> bool {
-        matches!(self.phase, Phase::Data(_))
+        matches!(self.phase, Phase::Data(_) | Phase::Chunk(_))
     }
 
     /// Input bytes held. Bounded by `max_line_length` plus one read, except while an Ask
@@ -344,14 +468,33 @@ impl ServerSession {
     fn process(&mut self) {
         // Take the buffer out so lines can be borrowed from it while `self` changes.
         let buf = std::mem::take(&mut self.input);
-        while self.staged.is_none() && self.out.len() < COALESCE_LIMIT {
+        while self.staged.is_none() && !self.starttls_due && self.out.len() < COALESCE_LIMIT {
             let avail = buf.get(self.start..).unwrap_or_default();
+            if let Phase::Chunk(Chunk { remaining: 0, .. }) = self.phase {
+                // BDAT 0: complete without input.
+                self.end_of_chunk();
+                continue;
+            }
             if avail.is_empty() {
                 break;
             }
             match &mut self.phase {
-                Phase::Closed => {
+                Phase::Closed | Phase::TlsPending => {
+                    // Pipelined after STARTTLS, in the clear: never executed.
                     self.start = buf.len();
+                }
+                Phase::Chunk(chunk) => {
+                    let n = usize::try_from(chunk.remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(avail.len());
+                    if chunk.refusal.is_none() {
+                        if let Some(body) = self.tx.bdat.as_mut() {
+                            body.feed(&avail[..n]);
+                        }
+                    }
+                    // n <= remaining: the subtraction cannot underflow.
+                    chunk.remaining -= n as u64;
+                    self.start += n;
                 }
                 Phase::Data(decoder) => match decoder.feed(avail) {
                     None => self.start = buf.len(),
@@ -426,19 +569,42 @@ impl ServerSession {
         }
         let verb = verb_of(word);
         let state = self.tx_state();
+        let need_helo = self.config.require_helo && self.helo.is_none();
         match (verb, state) {
             (Verb::Helo, _) => self.hello(arg, false),
             (Verb::Ehlo, _) => self.hello(arg, true),
-            (Verb::Mail, _) if self.config.require_helo && self.helo.is_none() => {
-                self.bad(503, "5.5.1", "Send HELO or EHLO first")
-            }
+            (Verb::Mail, _) if need_helo => self.bad(503, "5.5.1", "Send HELO or EHLO first"),
             (Verb::Mail, TxState::Idle) => self.mail(arg),
             (Verb::Mail, _) => self.bad(503, "5.5.1", "Nested MAIL command"),
             (Verb::Rcpt, TxState::Idle) => self.bad(503, "5.5.1", "Need MAIL before RCPT"),
+            (Verb::Rcpt, TxState::Bdat) => self.bad(503, "5.5.1", "RCPT not allowed after BDAT"),
             (Verb::Rcpt, _) => self.rcpt(arg),
             (Verb::Data, TxState::Idle) => self.bad(503, "5.5.1", "Need MAIL command"),
             (Verb::Data, TxState::Mail) => self.bad(503, "5.5.1", "No valid recipients"),
             (Verb::Data, TxState::Rcpt) => self.data(arg),
+            // RFC 3030 section 3: DATA and BDAT do not mix in one transaction.
+            (Verb::Data, TxState::Bdat) => self.bad(
+                503,
+                "5.5.1",
+                "DATA not allowed after BDAT; end with BDAT LAST or RSET",
+            ),
+            (Verb::Bdat, _) => self.bdat(arg, state, need_helo),
+            (Verb::StartTls, _) if !self.config.starttls => {
+                self.bad(502, "5.5.1", "Command not implemented")
+            }
+            (Verb::StartTls, _) if !arg.is_empty() => self.bad(501, "5.5.4", "Syntax: STARTTLS"),
+            (Verb::StartTls, _) if self.tls => self.bad(503, "5.5.1", "TLS already active"),
+            (Verb::StartTls, _) if need_helo => self.bad(503, "5.5.1", "Send EHLO first"),
+            (Verb::StartTls, TxState::Idle) => {
+                self.say(220, "2.0.0", "Ready to start TLS");
+                self.phase = Phase::TlsPending;
+                self.starttls_due = true;
+            }
+            (Verb::StartTls, _) => self.bad(
+                503,
+                "5.5.1",
+                "STARTTLS not allowed in a mail transaction; send RSET first",
+            ),
             (Verb::Rset, _) if !arg.is_empty() => self.bad(501, "5.5.4", "Syntax: RSET"),
             (Verb::Rset, _) => {
                 self.tx = Transaction::default();
@@ -462,11 +628,7 @@ impl ServerSession {
                 "2.5.0",
                 "Cannot EXPN list, but will accept message and attempt delivery",
             ),
-            (Verb::Help, _) => self.out.extend_from_slice(
-                b"214-2.0.0 Sluice SMTP server\r\n\
-                  214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP\r\n\
-                  214 2.0.0 See RFC 5321\r\n",
-            ),
+            (Verb::Help, _) => self.out.extend_from_slice(&self.help_reply),
             (Verb::NotImplemented, _) => self.bad(502, "5.5.1", "Command not implemented"),
             (Verb::Unknown, _) => self.bad(500, "5.5.2", "Command unrecognized"),
         }
@@ -476,6 +638,7 @@ impl ServerSession {
         match (&self.tx.reverse_path, self.tx.recipients.is_empty()) {
             (None, _) => TxState::Idle,
             (Some(_), true) => TxState::Mail,
+            (Some(_), false) if self.tx.bdat.is_some() => TxState::Bdat,
             (Some(_), false) => TxState::Rcpt,
         }
     }
@@ -513,59 +676,51 @@ impl ServerSession {
     /// ```text
     /// mail = "MAIL FROM:" Reverse-path [SP Mail-parameters] CRLF
     /// ```
+    /// The path is parsed with UTF-8 allowed; a non-ASCII octet anywhere in it without
+    /// the SMTPUTF8 parameter is refused with 553 5.6.7 (RFC 6531 section 3.5).
     fn mail(&mut self, arg: &[u8]) {
         let Some(rest) = strip_prefix_ci(arg, b"FROM:") else {
             return self.bad(501, "5.5.4", "Syntax: MAIL FROM:<address>");
         };
-        let (path, params) = match parse_path(rest, self.config.address_mode, false) {
+        let (path, params) = match parse_path(rest, self.config.address_mode, true) {
             Ok(p) => p,
             Err(e) => return self.bad_text(501, "5.1.7", &e.reason),
         };
+        let path_octets = &rest[..rest.len() - params.len()];
         if let Path::Mailbox(m) = &path {
             if m.domain.is_none() {
                 return self.bad(501, "5.1.7", "domain missing after the local part");
             }
         }
-        let params = match parse_params(params) {
+        let params = match parse_params(params)
+            .and_then(|p| check_mail_params(p, self.config.max_message_size))
+        {
             Ok(p) => p,
-            Err(reason) => return self.bad_text(501, "5.5.4", &reason),
+            Err(e) => return self.param_error(e),
         };
-        for (key, value) in &params {
-            match (key.as_str(), value.as_deref()) {
-                ("SIZE", Some(v)) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
-                    // A number too large for u64 is certainly too large for us.
-                    let too_big = v
-                        .parse::<u64>()
-                        .map_or(true, |n| n > self.config.max_message_size);
-                    if too_big {
-                        return self.say(
-                            552,
-                            "5.3.4",
-                            "Message size exceeds fixed maximum message size",
-                        );
-                    }
-                }
-                ("SIZE", _) => return self.bad(501, "5.5.4", "Syntax: SIZE=<number>"),
-                ("BODY", Some(v))
-                    if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
-                ("BODY", _) => return self.bad(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME"),
-                _ => {
-                    let text = format!("Unsupported MAIL parameter {key}");
-                    return self.bad_text(555, "5.5.4", &text);
-                }
-            }
+        let smtputf8 = params.iter().any(|(k, _)| k == "SMTPUTF8");
+        if !smtputf8 && !path_octets.is_ascii() {
+            return self.non_ascii_address();
         }
         let query = Query::Mail {
             reverse_path: path.clone(),
             params: params.clone(),
         };
-        self.staged = Some((query, Awaiting::Mail { path, params }));
+        self.staged = Some((
+            query,
+            Awaiting::Mail {
+                path,
+                params,
+                smtputf8,
+            },
+        ));
     }
 
     /// ```text
     /// rcpt = "RCPT TO:" ( "<Postmaster@" Domain ">" / "<Postmaster>" /
     ///        Forward-path ) [SP Rcpt-parameters] CRLF
     /// ```
+    /// UTF-8 in the path only when the transaction's MAIL carried SMTPUTF8 (553 5.6.7).
     fn rcpt(&mut self, arg: &[u8]) {
         let Some(rest) = strip_prefix_ci(arg, b"TO:") else {
             return self.bad(501, "5.5.4", "Syntax: RCPT TO:<address>");
@@ -573,26 +728,43 @@ impl ServerSession {
         if self.tx.recipients.len() >= self.config.max_recipients {
             return self.say(452, "4.5.3", "Too many recipients");
         }
-        let (path, params) = match parse_path(rest, self.config.address_mode, false) {
+        let (path, params) = match parse_path(rest, self.config.address_mode, true) {
             Ok(p) => p,
             Err(e) => return self.bad_text(501, "5.1.3", &e.reason),
         };
+        let path_octets = &rest[..rest.len() - params.len()];
         if path == Path::Null {
             return self.bad(501, "5.1.3", "the null path <> is not a recipient");
         }
-        let params = match parse_params(params) {
+        let params = match parse_params(params).and_then(check_rcpt_params) {
             Ok(p) => p,
-            Err(reason) => return self.bad_text(501, "5.5.4", &reason),
+            Err(e) => return self.param_error(e),
         };
-        if let Some((key, _)) = params.first() {
-            let text = format!("Unsupported RCPT parameter {key}");
-            return self.bad_text(555, "5.5.4", &text);
+        if !self.tx.smtputf8 && !path_octets.is_ascii() {
+            return self.non_ascii_address();
         }
         let query = Query::Rcpt {
             forward_path: path.clone(),
             params: params.clone(),
         };
         self.staged = Some((query, Awaiting::Rcpt { path, params }));
+    }
+
+    fn non_ascii_address(&mut self) {
+        self.bad(
+            553,
+            "5.6.7",
+            "Non-ASCII address requires the SMTPUTF8 parameter on MAIL",
+        );
+    }
+
+    fn param_error(&mut self, e: ParamError) {
+        if e.code == 552 {
+            // A size refusal is not a protocol error.
+            self.say(e.code, e.enhanced, &e.text);
+        } else {
+            self.bad_text(e.code, e.enhanced, &e.text);
+        }
     }
 
     /// ```text
@@ -607,12 +779,87 @@ impl ServerSession {
         self.phase = Phase::Data(DataDecoder::new(self.config.max_message_size, normalise));
     }
 
-    /// The terminator was seen: refuse what the protocol refuses, ask policy otherwise.
+    /// ```text
+    /// bdat-cmd   = "BDAT" SP chunk-size [ SP end-marker ] CR LF
+    /// chunk-size = 1*DIGIT
+    /// end-marker = "LAST"
+    /// ```
+    /// RFC 3030 section 2. A valid size is always consumed, even when the chunk is
+    /// refused; an unreadable size closes the session (see the module header).
+    fn bdat(&mut self, arg: &[u8], state: TxState, need_helo: bool) {
+        let mut words = arg
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|w| !w.is_empty());
+        let size = words.next().unwrap_or_default();
+        let last = match (words.next(), words.next()) {
+            (None, _) => false,
+            (Some(w), None) if w.eq_ignore_ascii_case(b"LAST") => true,
+            _ => return self.bdat_unsynced("Syntax: BDAT <size> [LAST]"),
+        };
+        if size.is_empty() || !size.iter().all(u8::is_ascii_digit) {
+            return self.bdat_unsynced("Syntax: BDAT <size> [LAST]");
+        }
+        // All ASCII digits: the only failure left is overflow.
+        let Some(size) = std::str::from_utf8(size)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return self.bdat_unsynced("Chunk size too large");
+        };
+        let refusal = match state {
+            _ if need_helo => Some("Send HELO or EHLO first"),
+            TxState::Idle => Some("Need MAIL command"),
+            TxState::Mail => Some("No valid recipients"),
+            TxState::Rcpt | TxState::Bdat => None,
+        };
+        if refusal.is_none() && self.tx.bdat.is_none() {
+            let normalise = self.config.bare_linefeed == BareLinefeedPolicy::Normalise;
+            self.tx.bdat = Some(BdatBody::new(self.config.max_message_size, normalise));
+        }
+        self.phase = Phase::Chunk(Chunk {
+            size,
+            remaining: size,
+            last,
+            refusal,
+        });
+    }
+
+    /// A BDAT whose chunk end cannot be known: the stream cannot be trusted any more.
+    fn bdat_unsynced(&mut self, text: &str) {
+        let text = format!("{text}; closing connection");
+        self.say(501, "5.5.4", &text);
+        self.close();
+    }
+
+    /// The octets of a BDAT chunk are all in.
+    fn end_of_chunk(&mut self) {
+        let Phase::Chunk(chunk) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            return;
+        };
+        if let Some(why) = chunk.refusal {
+            return self.bad(503, "5.5.1", why);
+        }
+        if !chunk.last {
+            let text = format!("{} octets received", chunk.size);
+            return self.say(250, "2.0.0", &text);
+        }
+        let Some(body) = self.tx.bdat.take() else {
+            return;
+        };
+        self.end_of_message(body.finish());
+    }
+
+    /// The terminator was seen.
     fn end_of_data(&mut self) {
         let Phase::Data(decoder) = std::mem::replace(&mut self.phase, Phase::Command) else {
             return;
         };
-        let outcome = decoder.finish();
+        self.end_of_message(decoder.finish());
+    }
+
+    /// The whole body is in (DATA or BDAT LAST): refuse what the protocol refuses, ask
+    /// policy otherwise. Either way the transaction is over.
+    fn end_of_message(&mut self, outcome: DataOutcome) {
         let tx = std::mem::take(&mut self.tx);
         if outcome.too_big {
             self.say(
@@ -718,44 +965,4 @@ fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
     let head = s.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
         .then(|| &s[prefix.len()..])
-}
-
-/// ```text
-/// Mail-parameters = esmtp-param *(SP esmtp-param)
-/// esmtp-param     = esmtp-keyword ["=" esmtp-value]
-/// esmtp-keyword   = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
-/// esmtp-value     = 1*(%d33-60 / %d62-126)
-/// ```
-/// Keywords are upper-cased (they are case-insensitive); a keyword given twice is an
-/// error. Runs of white space between parameters are tolerated.
-fn parse_params(rest: &[u8]) -> Result<Params, String> {
-    let mut params = Params::new();
-    for item in rest
-        .split(|&b| b == b' ' || b == b'\t')
-        .filter(|s| !s.is_empty())
-    {
-        let (key, value) = match item.iter().position(|&b| b == b'=') {
-            Some(i) => (&item[..i], Some(&item[i + 1..])),
-            None => (item, None),
-        };
-        let key_ok = key.first().is_some_and(|b| b.is_ascii_alphanumeric())
-            && key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-');
-        if !key_ok {
-            return Err("Syntax error in parameters".to_string());
-        }
-        let value_ok = value.is_none_or(|v| {
-            !v.is_empty() && v.iter().all(|&b| (33..=126).contains(&b) && b != b'=')
-        });
-        if !value_ok {
-            return Err("Syntax error in parameter value".to_string());
-        }
-        // Both checked to be printable ASCII above.
-        let key = String::from_utf8_lossy(key).to_ascii_uppercase();
-        if params.iter().any(|(k, _)| *k == key) {
-            return Err(format!("Duplicate parameter {key}"));
-        }
-        let value = value.map(|v| String::from_utf8_lossy(v).into_owned());
-        params.push((key, value));
-    }
-    Ok(params)
 }

@@ -64,54 +64,81 @@ fn describe(q: &Query) -> String {
     }
 }
 
-/// Drives a session over `chunks`; returns the transcript (reply bytes, Ask lines, and
-/// "(close)") and checks that buffered input stays bounded outside an Ask.
+/// Drives a session over `chunks`; returns the transcript (reply bytes, Ask lines,
+/// "(starttls)" and "(close)") and checks that buffered input stays bounded outside an Ask.
 fn drive(config: &ServerConfig, chunks: &[&[u8]], policy: Policy) -> String {
+    drive_parts(config, &[chunks.to_vec()], policy)
+}
+
+/// Like `drive`, with input in parts: the first is sent in the clear, each later one
+/// inside the TLS session a `Step::StartTls` started. Plaintext not yet fed when STARTTLS
+/// succeeds would go to the TLS handshake, so it is not fed to the session.
+fn drive_parts(config: &ServerConfig, parts: &[Vec<&[u8]>], policy: Policy) -> String {
     let mut s = ServerSession::new(config.clone());
     let mut t = String::new();
-    let bound = config.max_line_length + chunks.iter().map(|c| c.len()).max().unwrap_or(0);
-    for chunk in chunks {
-        s.receive(chunk);
-        loop {
-            match s.step() {
-                Step::Write(b) => t.push_str(&String::from_utf8_lossy(&b)),
-                Step::Ask(q) => {
-                    t.push_str(&describe(&q));
-                    // While the Ask is open nothing moves and nothing is consumed.
-                    let held = s.buffered();
-                    assert!(matches!(s.step(), Step::NeedInput));
-                    assert_eq!(s.buffered(), held);
-                    s.answer(policy(&q));
+    let mut next = 0;
+    'parts: while let Some(chunks) = parts.get(next) {
+        next += 1;
+        let bound = config.max_line_length + chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        for chunk in chunks {
+            s.receive(chunk);
+            loop {
+                match s.step() {
+                    Step::Write(b) => t.push_str(&String::from_utf8_lossy(&b)),
+                    Step::Ask(q) => {
+                        t.push_str(&describe(&q));
+                        // While the Ask is open nothing moves and nothing is consumed.
+                        let held = s.buffered();
+                        assert!(matches!(s.step(), Step::NeedInput));
+                        assert_eq!(s.buffered(), held);
+                        s.answer(policy(&q));
+                    }
+                    Step::Close => {
+                        t.push_str("(close)\n");
+                        return t;
+                    }
+                    Step::StartTls => {
+                        t.push_str("(starttls)\n");
+                        assert!(!s.is_tls());
+                        s.tls_started();
+                        assert!(s.is_tls());
+                        continue 'parts;
+                    }
+                    Step::NeedInput => break,
                 }
-                Step::Close => {
-                    t.push_str("(close)\n");
-                    return t;
-                }
-                Step::NeedInput => break,
             }
+            assert!(s.buffered() <= bound, "buffered {} > {bound}", s.buffered());
         }
-        assert!(s.buffered() <= bound, "buffered {} > {bound}", s.buffered());
     }
     t
 }
 
 /// The transcript of `input`, identical however the input is split.
 fn transcript_with(config: &ServerConfig, input: &[u8], policy: Policy) -> String {
-    let whole = drive(config, &[input], policy);
-    let bytes: Vec<&[u8]> = input.chunks(1).collect();
-    assert_eq!(
-        whole,
-        drive(config, &bytes, policy),
-        "byte at a time differs"
+    transcript_tls(config, input, b"", policy)
+}
+
+/// `plain` in the clear, then `secure` after a STARTTLS handshake (if the session asks
+/// for one): one chunk each, one byte at a time, and (for short inputs) split in two at
+/// every offset; every way must give the same transcript.
+fn transcript_tls(config: &ServerConfig, plain: &[u8], secure: &[u8], policy: Policy) -> String {
+    let whole = drive_parts(config, &[vec![plain], vec![secure]], policy);
+    let bytes = drive_parts(
+        config,
+        &[plain.chunks(1).collect(), secure.chunks(1).collect()],
+        policy,
     );
-    if input.len() <= 600 {
-        for cut in 1..input.len() {
-            let (a, b) = input.split_at(cut);
-            assert_eq!(
-                whole,
-                drive(config, &[a, b], policy),
-                "split at {cut} differs"
-            );
+    assert_eq!(whole, bytes, "byte at a time differs");
+    if plain.len() + secure.len() <= 600 {
+        for cut in 1..plain.len() {
+            let (a, b) = plain.split_at(cut);
+            let split = drive_parts(config, &[vec![a, b], vec![secure]], policy);
+            assert_eq!(whole, split, "split at {cut} differs");
+        }
+        for cut in 1..secure.len() {
+            let (a, b) = secure.split_at(cut);
+            let split = drive_parts(config, &[vec![plain], vec![a, b]], policy);
+            assert_eq!(whole, split, "split at {cut} after TLS differs");
         }
     }
     whole
@@ -158,7 +185,10 @@ fn golden_esmtp_session() {
          250-PIPELINING\r\n\
          250-SIZE 10485760\r\n\
          250-8BITMIME\r\n\
-         250 ENHANCEDSTATUSCODES\r\n\
+         250-ENHANCEDSTATUSCODES\r\n\
+         250-SMTPUTF8\r\n\
+         250-DSN\r\n\
+         250 CHUNKING\r\n\
          ?MAIL <alice@example.org> SIZE=100 BODY=8BITMIME\n\
          250 2.1.0 Sender OK\r\n\
          ?RCPT <bob@example.com>\n\
@@ -177,8 +207,15 @@ fn golden_esmtp_session() {
 #[test]
 fn ehlo_advertises_only_what_works() {
     let t = transcript(b"EHLO x\r\n");
-    for absent in ["STARTTLS", "AUTH", "CHUNKING", "DSN", "SMTPUTF8"] {
+    for absent in ["STARTTLS", "AUTH", "BINARYMIME", "ETRN"] {
         assert!(!t.contains(absent), "{absent} advertised");
+    }
+    for present in [
+        "\r\n250-SMTPUTF8\r\n",
+        "\r\n250-DSN\r\n",
+        "\r\n250 CHUNKING\r\n",
+    ] {
+        assert!(t.contains(present), "{present} not advertised");
     }
     let cfg = ServerConfig {
         max_message_size: 12345,
@@ -344,7 +381,10 @@ fn ehlo_mid_transaction_resets_it() {
     );
     assert_eq!(
         codes(&t),
-        ["250", "250", "250", "250", "250", "250", "250", "503", "503", "250"]
+        [
+            "250", "250", "250", "250", "250", "250", "250", "250", "250", "250", "503", "503",
+            "250"
+        ]
     );
     assert!(t.contains("503 5.5.1 Need MAIL command\r\n503 5.5.1 Need MAIL before RCPT\r\n"));
 }
@@ -386,14 +426,15 @@ fn vrfy_expn_help() {
          252 2.5.0 Cannot EXPN list, but will accept message and attempt delivery\r\n\
          501 5.5.4 Argument required\r\n\
          214-2.0.0 Sluice SMTP server\r\n\
-         214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP\r\n\
+         214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP\r\n\
          214 2.0.0 See RFC 5321\r\n"
     );
 }
 
 #[test]
 fn unknown_and_unimplemented_commands() {
-    let t = transcript(b"FOO\r\nSTARTTLS\r\nAUTH PLAIN x\r\nBDAT 10 LAST\r\n\r\n");
+    // STARTTLS is not offered unless configured.
+    let t = transcript(b"FOO\r\nSTARTTLS\r\nAUTH PLAIN x\r\nTURN\r\n\r\n");
     assert_eq!(
         t,
         "500 5.5.2 Command unrecognized\r\n\
@@ -434,24 +475,24 @@ fn mail_size_parameter() {
 fn mail_body_and_unknown_parameters() {
     let t = transcript(
         b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\n\
-          MAIL FROM:<a@example.org> SMTPUTF8\r\n\
-          MAIL FROM:<a@example.org> RET=HDRS\r\n\
+          MAIL FROM:<a@example.org> AUTH=<>\r\n\
+          MAIL FROM:<a@example.org> NOTIFY=NEVER\r\n\
           MAIL FROM:<a@example.org> BODY=7BIT BODY=7BIT\r\n\
           MAIL FROM:<a@example.org> =x\r\n\
           MAIL FROM:<a@example.org> BODY=7BIT\r\n\
-          RCPT TO:<b@example.com> NOTIFY=NEVER\r\n\
+          RCPT TO:<b@example.com> RET=FULL\r\n\
           RCPT TO:<b@example.com>  \r\n",
     );
     assert_eq!(
         t,
         "501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME\r\n\
-         555 5.5.4 Unsupported MAIL parameter SMTPUTF8\r\n\
-         555 5.5.4 Unsupported MAIL parameter RET\r\n\
+         555 5.5.4 Unsupported MAIL parameter AUTH\r\n\
+         555 5.5.4 Unsupported MAIL parameter NOTIFY\r\n\
          501 5.5.4 Duplicate parameter BODY\r\n\
          501 5.5.4 Syntax error in parameters\r\n\
          ?MAIL <a@example.org> BODY=7BIT\n\
          250 2.1.0 Sender OK\r\n\
-         555 5.5.4 Unsupported RCPT parameter NOTIFY\r\n\
+         555 5.5.4 Unsupported RCPT parameter RET\r\n\
          ?RCPT <b@example.com>\n\
          250 2.1.5 Recipient OK\r\n"
     );
@@ -924,5 +965,614 @@ fn random_dialogs_never_panic_and_split_invariant() {
             drive(&cfg, &[a, b], &policy),
             "round {round} cut {cut}"
         );
+    }
+}
+
+// ---- STARTTLS (RFC 3207) ----
+
+fn tls_config() -> ServerConfig {
+    ServerConfig {
+        starttls: true,
+        ..config()
+    }
+}
+
+const EHLO_TLS: &str = "250-mx.example.net\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n\
+                        250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n\
+                        250-CHUNKING\r\n250 STARTTLS\r\n";
+const EHLO_PLAIN: &str = "250-mx.example.net\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n\
+                          250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n\
+                          250 CHUNKING\r\n";
+
+#[test]
+fn golden_starttls_session() {
+    let t = transcript_tls(
+        &tls_config(),
+        b"EHLO client.example.org\r\nSTARTTLS\r\n",
+        b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n\
+          DATA\r\nsecret\r\n.\r\nSTARTTLS\r\nQUIT\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        format!(
+            "{EHLO_TLS}220 2.0.0 Ready to start TLS\r\n(starttls)\n{EHLO_PLAIN}\
+             ?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+             ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n\
+             354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+             ?MESSAGE helo=\"client.example.org\" from=<a@example.org> to=<b@example.com> body=\"secret\\r\\n\"\n\
+             250 2.0.0 Queued\r\n\
+             503 5.5.1 TLS already active\r\n\
+             221 2.0.0 mx.example.net closing connection\r\n(close)\n"
+        )
+    );
+}
+
+/// CVE-2011-0411 class: commands pipelined after STARTTLS in the clear never run, whether
+/// they arrived in the same read as STARTTLS or after the 220.
+#[test]
+fn starttls_discards_pipelined_plaintext() {
+    let t = transcript_tls(
+        &tls_config(),
+        b"EHLO c\r\nSTARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\nQUIT\r\n",
+        b"NOOP\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        format!("{EHLO_TLS}220 2.0.0 Ready to start TLS\r\n(starttls)\n250 2.0.0 OK\r\n")
+    );
+
+    // The same at the API level, as the binding sees it.
+    let mut s = ServerSession::new(tls_config());
+    s.receive(b"NOOP\r\nSTARTTLS\r\nRSET\r\n");
+    match s.step() {
+        Step::Write(b) => assert_eq!(b, b"250 2.0.0 OK\r\n220 2.0.0 Ready to start TLS\r\n"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(s.step(), Step::StartTls));
+    // Plaintext that arrives before the handshake is done is dropped too.
+    s.receive(b"MAIL FROM:<evil@example.org>\r\n");
+    assert!(matches!(s.step(), Step::NeedInput));
+    assert!(matches!(s.step(), Step::NeedInput));
+    assert!(!s.is_tls());
+    s.tls_started();
+    assert!(s.is_tls());
+    assert_eq!(s.buffered(), 0);
+    assert!(matches!(s.step(), Step::NeedInput));
+    s.receive(b"RSET\r\n");
+    assert!(matches!(s.step(), Step::Write(b) if b == b"250 2.0.0 OK\r\n"));
+    assert!(matches!(s.step(), Step::NeedInput));
+}
+
+#[test]
+fn starttls_refusals() {
+    // Parameters, inside a transaction, and not offered.
+    let t = transcript_with(
+        &tls_config(),
+        b"STARTTLS now\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<b@example.com>\r\n\
+          STARTTLS\r\nRSET\r\nSTARTTLS\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        "501 5.5.4 Syntax: STARTTLS\r\n\
+         ?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+         503 5.5.1 STARTTLS not allowed in a mail transaction; send RSET first\r\n\
+         ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n\
+         503 5.5.1 STARTTLS not allowed in a mail transaction; send RSET first\r\n\
+         250 2.0.0 OK\r\n\
+         220 2.0.0 Ready to start TLS\r\n(starttls)\n"
+    );
+    assert_eq!(
+        transcript(b"STARTTLS\r\n"),
+        "502 5.5.1 Command not implemented\r\n"
+    );
+    let cfg = ServerConfig {
+        require_helo: true,
+        ..tls_config()
+    };
+    assert_eq!(
+        transcript_with(&cfg, b"STARTTLS\r\n", &accept),
+        "503 5.5.1 Send EHLO first\r\n"
+    );
+}
+
+#[test]
+fn tls_started_resets_to_after_greeting() {
+    let cfg = ServerConfig {
+        require_helo: true,
+        ..tls_config()
+    };
+    // The greeting name is forgotten (RFC 3207 section 4.2): MAIL needs a new EHLO.
+    let t = transcript_tls(
+        &cfg,
+        b"EHLO c\r\nSTARTTLS\r\n",
+        b"MAIL FROM:<a@example.org>\r\nHELP\r\nEHLO c2\r\nMAIL FROM:<a@example.org>\r\n",
+        &accept,
+    );
+    assert_eq!(
+        t,
+        format!(
+            "{EHLO_TLS}220 2.0.0 Ready to start TLS\r\n(starttls)\n\
+             503 5.5.1 Send HELO or EHLO first\r\n\
+             214-2.0.0 Sluice SMTP server\r\n\
+             214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP\r\n\
+             214 2.0.0 See RFC 5321\r\n\
+             {EHLO_PLAIN}?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n"
+        )
+    );
+    let help = transcript_with(&tls_config(), b"HELP\r\n", &accept);
+    assert!(help.contains("Commands: HELO EHLO STARTTLS MAIL"));
+
+    let mut s = ServerSession::new(tls_config());
+    s.receive(b"EHLO c\r\nSTARTTLS\r\n");
+    assert!(matches!(s.step(), Step::Write(_)));
+    assert!(matches!(s.step(), Step::StartTls));
+    assert_eq!(s.helo(), Some("c"));
+    s.tls_started();
+    assert_eq!(s.helo(), None);
+    assert!(!s.esmtp());
+    assert!(s.reverse_path().is_none());
+}
+
+#[test]
+fn implicit_tls_marks_session() {
+    let mut s = ServerSession::new(tls_config());
+    s.tls_started();
+    s.receive(b"EHLO c\r\nSTARTTLS\r\n");
+    match s.step() {
+        Step::Write(b) => assert_eq!(
+            String::from_utf8_lossy(&b),
+            format!("{EHLO_PLAIN}503 5.5.1 TLS already active\r\n")
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---- SMTPUTF8 (RFC 6531) ----
+
+#[test]
+fn golden_smtputf8_session() {
+    let t = transcript(
+        "EHLO c\r\nMAIL FROM:<jörg@exämple.de> SMTPUTF8\r\nRCPT TO:<müller@bücher.example>\r\n\
+         RCPT TO:<ascii@example.com>\r\nDATA\r\nSubject: grüße\r\n.\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(
+        t,
+        format!(
+            "{EHLO_PLAIN}?MAIL <jörg@exämple.de> SMTPUTF8\n250 2.1.0 Sender OK\r\n\
+             ?RCPT <müller@bücher.example>\n250 2.1.5 Recipient OK\r\n\
+             ?RCPT <ascii@example.com>\n250 2.1.5 Recipient OK\r\n\
+             354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+             ?MESSAGE helo=\"c\" from=<jörg@exämple.de> SMTPUTF8 \
+             to=<müller@bücher.example>,<ascii@example.com> body=\"Subject: grüße\\r\\n\"\n\
+             250 2.0.0 Queued\r\n"
+        )
+    );
+}
+
+#[test]
+fn utf8_address_needs_smtputf8() {
+    let t = transcript(
+        "MAIL FROM:<jörg@exämple.de>\r\n\
+         MAIL FROM:<(jörg) j@example.de>\r\n\
+         MAIL FROM:<a@example.org> SMTPUTF8=yes\r\n\
+         MAIL FROM:<a@example.org>\r\n\
+         RCPT TO:<müller@example.com>\r\n\
+         RCPT TO:<m@bücher.example>\r\n\
+         RCPT TO:<b@example.com> SMTPUTF8\r\n\
+         RCPT TO:<b@example.com>\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(
+        t,
+        "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n\
+         553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n\
+         501 5.5.4 Syntax: SMTPUTF8 takes no value\r\n\
+         ?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+         553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n\
+         553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n\
+         555 5.5.4 Unsupported RCPT parameter SMTPUTF8\r\n\
+         ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n"
+    );
+}
+
+#[test]
+fn smtputf8_refuses_invisible_and_control_characters() {
+    let t = transcript(
+        "MAIL FROM:<a\u{200b}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<ab@exa\u{200d}mple.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{85}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{202e}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{feff}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{fe0f}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{e0041}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<a\u{3164}b@example.org> SMTPUTF8\r\n\
+         MAIL FROM:<zoë@example.org> SMTPUTF8\r\n\
+         RCPT TO:<x\u{2060}y@example.com>\r\n"
+            .as_bytes(),
+    );
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 11, "{t}");
+    for (line, code) in lines[..8].iter().zip([
+        "U+200B", "U+200D", "U+0085", "U+202E", "U+FEFF", "U+FE0F", "U+E0041", "U+3164",
+    ]) {
+        assert_eq!(
+            *line,
+            format!("501 5.1.7 invisible or control character {code} in address")
+        );
+    }
+    assert_eq!(lines[8], "?MAIL <zoë@example.org> SMTPUTF8");
+    assert_eq!(
+        lines[10],
+        "501 5.1.3 invisible or control character U+2060 in address"
+    );
+}
+
+// ---- CHUNKING / BDAT (RFC 3030) ----
+
+const TX: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n";
+const TX_REPLIES: &str = "?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n\
+                          ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n";
+
+fn bdat_transcript(cfg: &ServerConfig, rest: &[u8]) -> String {
+    let mut input = TX.to_vec();
+    input.extend_from_slice(rest);
+    let t = transcript_with(cfg, &input, &accept);
+    t.strip_prefix(TX_REPLIES)
+        .unwrap_or_else(|| panic!("unexpected start: {t}"))
+        .to_string()
+}
+
+#[test]
+fn golden_bdat_session() {
+    let t = transcript(
+        b"EHLO c\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.com>\r\n\
+          BDAT 14\r\nSubject: x\r\n\r\nBDAT 0\r\nBDAT 13 LAST\r\nhello\r\n.\r\nx\r\nNOOP\r\nQUIT\r\n",
+    );
+    assert_eq!(
+        t,
+        format!(
+            "{EHLO_PLAIN}?MAIL <a@example.org> BODY=8BITMIME\n250 2.1.0 Sender OK\r\n\
+             ?RCPT <b@example.com>\n250 2.1.5 Recipient OK\r\n\
+             250 2.0.0 14 octets received\r\n\
+             250 2.0.0 0 octets received\r\n\
+             ?MESSAGE helo=\"c\" from=<a@example.org> BODY=8BITMIME to=<b@example.com> \
+             body=\"Subject: x\\r\\n\\r\\nhello\\r\\n.\\r\\nx\\r\\n\"\n\
+             250 2.0.0 Queued\r\n250 2.0.0 OK\r\n\
+             221 2.0.0 mx.example.net closing connection\r\n(close)\n"
+        )
+    );
+}
+
+#[test]
+fn bdat_zero_last_and_literal_dots() {
+    let t = bdat_transcript(&config(), b"BDAT 0 LAST\r\nNOOP\r\n");
+    assert_eq!(
+        t,
+        "?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"\"\n\
+         250 2.0.0 Queued\r\n250 2.0.0 OK\r\n"
+    );
+    // No dot handling: "..", ".\r\n" and a lone "." line are content.
+    let t = bdat_transcript(&config(), b"BDAT 14 last\r\n..a\r\n.\r\n.\r\nb\r\n");
+    assert!(t.starts_with("?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"..a\\r\\n.\\r\\n.\\r\\nb\\r\\n\"\n"), "{t}");
+}
+
+/// A chunk holding what looks like the end of data and a second transaction is one
+/// message: nothing in a chunk is ever read as a command.
+#[test]
+fn bdat_chunk_cannot_smuggle_commands() {
+    let inner =
+        b"x\r\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<v@example.com>\r\nDATA\r\ny\r\n.\r\n";
+    let mut rest = format!("BDAT {} LAST\r\n", inner.len()).into_bytes();
+    rest.extend_from_slice(inner);
+    let t = bdat_transcript(&config(), &rest);
+    assert_eq!(t.matches("?MAIL").count(), 0, "{t}");
+    assert_eq!(t.matches("?MESSAGE").count(), 1, "{t}");
+    assert!(t.contains("MAIL FROM:<evil@example.org>\\r\\n"));
+}
+
+#[test]
+fn bdat_sequencing() {
+    let t = bdat_transcript(
+        &config(),
+        b"BDAT 2\r\nabDATA\r\nRCPT TO:<c@example.com>\r\nMAIL FROM:<x@example.org>\r\n\
+          BDAT 2 LAST\r\ncd",
+    );
+    assert_eq!(
+        t,
+        "250 2.0.0 2 octets received\r\n\
+         503 5.5.1 DATA not allowed after BDAT; end with BDAT LAST or RSET\r\n\
+         503 5.5.1 RCPT not allowed after BDAT\r\n\
+         503 5.5.1 Nested MAIL command\r\n\
+         ?MESSAGE helo=\"\" from=<a@example.org> to=<b@example.com> body=\"abcd\"\n\
+         250 2.0.0 Queued\r\n"
+    );
+    // RSET drops the chunks received so far.
+    let t = bdat_transcript(&config(), b"BDAT 2\r\nabRSET\r\nBDAT 2 LAST\r\ncdNOOP\r\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 2 octets received\r\n250 2.0.0 OK\r\n\
+         503 5.5.1 Need MAIL command\r\n250 2.0.0 OK\r\n"
+    );
+}
+
+/// A refused BDAT still consumes its octets: here they spell commands that must not run.
+#[test]
+fn refused_bdat_consumes_its_octets() {
+    let t = transcript(b"BDAT 12 LAST\r\nRSET\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(t, "503 5.5.1 Need MAIL command\r\n250 2.0.0 OK\r\n");
+    let t = transcript(b"MAIL FROM:<a@example.org>\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(
+        t,
+        "?MAIL <a@example.org>\n250 2.1.0 Sender OK\r\n503 5.5.1 No valid recipients\r\n250 2.0.0 OK\r\n"
+    );
+    let cfg = ServerConfig {
+        require_helo: true,
+        ..config()
+    };
+    let t = transcript_with(&cfg, b"BDAT 6\r\nQUIT\r\nNOOP\r\n", &accept);
+    assert_eq!(t, "503 5.5.1 Send HELO or EHLO first\r\n250 2.0.0 OK\r\n");
+}
+
+#[test]
+fn bdat_unreadable_size_closes() {
+    for (line, reply) in [
+        (
+            &b"BDAT 99999999999999999999999 LAST\r\n"[..],
+            "501 5.5.4 Chunk size too large; closing connection\r\n(close)\n",
+        ),
+        (
+            b"BDAT 18446744073709551616\r\n",
+            "501 5.5.4 Chunk size too large; closing connection\r\n(close)\n",
+        ),
+        (
+            b"BDAT\r\n",
+            "501 5.5.4 Syntax: BDAT <size> [LAST]; closing connection\r\n(close)\n",
+        ),
+        (
+            b"BDAT -1\r\n",
+            "501 5.5.4 Syntax: BDAT <size> [LAST]; closing connection\r\n(close)\n",
+        ),
+        (
+            b"BDAT 5 LAST now\r\n",
+            "501 5.5.4 Syntax: BDAT <size> [LAST]; closing connection\r\n(close)\n",
+        ),
+        (
+            b"BDAT 5 FIRST\r\n",
+            "501 5.5.4 Syntax: BDAT <size> [LAST]; closing connection\r\n(close)\n",
+        ),
+    ] {
+        let mut rest = line.to_vec();
+        rest.extend_from_slice(b"RSET\r\nNOOP\r\n");
+        assert_eq!(bdat_transcript(&config(), &rest), reply);
+    }
+}
+
+#[test]
+fn bdat_too_big_is_consumed_then_refused_at_last() {
+    let cfg = ServerConfig {
+        max_message_size: 10,
+        ..config()
+    };
+    let t = bdat_transcript(&cfg, b"BDAT 8\r\n01234567BDAT 8 LAST\r\n89abcdefNOOP\r\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 8 octets received\r\n\
+         552 5.3.4 Message size exceeds fixed maximum message size\r\n\
+         250 2.0.0 OK\r\n"
+    );
+    // A single chunk declared beyond the limit: consumed, refused at LAST.
+    let mut rest = b"BDAT 5000 LAST\r\n".to_vec();
+    rest.extend_from_slice(&[b'z'; 5000]);
+    rest.extend_from_slice(b"NOOP\r\n");
+    assert_eq!(
+        bdat_transcript(&cfg, &rest),
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 OK\r\n"
+    );
+}
+
+#[test]
+fn bdat_huge_declared_chunk_keeps_memory_bounded() {
+    let mut s = ServerSession::new(config());
+    s.receive(TX);
+    s.receive(b"BDAT 18446744073709551615 LAST\r\n");
+    loop {
+        match s.step() {
+            Step::Ask(q) => s.answer(accept(&q)),
+            Step::Write(_) => {}
+            Step::NeedInput => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(s.in_data());
+    let piece = vec![b'x'; 64 * 1024];
+    for _ in 0..(32 * 16) {
+        // 32 MiB: three times the size limit; nothing is held.
+        s.receive(&piece);
+        assert!(matches!(s.step(), Step::NeedInput));
+        assert_eq!(s.buffered(), 0);
+    }
+    assert!(s.in_data());
+}
+
+#[test]
+fn bdat_bare_line_ends_follow_the_data_policy() {
+    // Reject: refused at LAST, the stream stays in sync.
+    let t = bdat_transcript(&config(), b"BDAT 3\r\na\nbBDAT 1 LAST\r\ncNOOP\r\n");
+    assert_eq!(
+        t,
+        "250 2.0.0 3 octets received\r\n\
+         550 5.6.0 Message refused: bare LF or bare CR in the message; lines must end with CRLF (RFC 5321 section 2.3.8)\r\n\
+         250 2.0.0 OK\r\n"
+    );
+    // A CR ending one chunk and a LF starting the next are one CRLF.
+    let t = bdat_transcript(&config(), b"BDAT 2\r\na\rBDAT 2 LAST\r\n\nb");
+    assert!(t.contains("body=\"a\\r\\nb\""), "{t}");
+    // A CR at the very end is bare.
+    let t = bdat_transcript(&config(), b"BDAT 2 LAST\r\na\r");
+    assert!(t.starts_with("550 5.6.0 "), "{t}");
+    // Normalise: stored as CRLF.
+    let t = bdat_transcript(&normalising(), b"BDAT 6 LAST\r\na\nb\rc\n");
+    assert!(t.contains("body=\"a\\r\\nb\\r\\nc\\r\\n\""), "{t}");
+}
+
+#[test]
+fn bdat_reports_in_data_and_answers_end_transaction() {
+    let policy = |q: &Query| match q {
+        Query::Message(_) => Reply::new(451, "4.3.0", "Try again"),
+        other => accept(other),
+    };
+    let t = transcript_with(
+        &config(),
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nBDAT 1 LAST\r\nxBDAT 1 LAST\r\ny",
+        &policy,
+    );
+    assert!(
+        t.ends_with("451 4.3.0 Try again\r\n503 5.5.1 Need MAIL command\r\n"),
+        "{t}"
+    );
+}
+
+// ---- DSN parameters (RFC 3461) ----
+
+#[test]
+fn golden_dsn_parameters() {
+    let t = transcript(
+        b"MAIL FROM:<a@example.org> RET=hdrs ENVID=QQ+2B314+3Dx\r\n\
+          RCPT TO:<b@example.com> NOTIFY=success,Delay ORCPT=rfc822;b+2Bx+40example.com\r\n\
+          RCPT TO:<c@example.com> notify=NEVER orcpt=RFC822;c@example.com\r\n\
+          DATA\r\n.\r\n",
+    );
+    assert_eq!(
+        t,
+        "?MAIL <a@example.org> RET=HDRS ENVID=QQ+314=x\n250 2.1.0 Sender OK\r\n\
+         ?RCPT <b@example.com> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+x@example.com\n\
+         250 2.1.5 Recipient OK\r\n\
+         ?RCPT <c@example.com> NOTIFY=NEVER ORCPT=RFC822;c@example.com\n\
+         250 2.1.5 Recipient OK\r\n\
+         354 2.0.0 End data with <CR><LF>.<CR><LF>\r\n\
+         ?MESSAGE helo=\"\" from=<a@example.org> RET=HDRS ENVID=QQ+314=x \
+         to=<b@example.com>,<c@example.com> body=\"\"\n\
+         250 2.0.0 Queued\r\n"
+    );
+}
+
+#[test]
+fn envelope_keeps_decoded_rcpt_params() {
+    let mut s = ServerSession::new(config());
+    s.receive(b"MAIL FROM:<a@example.org> ENVID=x+2By\r\nRCPT TO:<b@example.com> ORCPT=rfc822;b+2B1@example.com\r\nBDAT 0 LAST\r\n");
+    loop {
+        match s.step() {
+            Step::Ask(Query::Message(env)) => {
+                assert_eq!(
+                    env.mail_params,
+                    vec![("ENVID".to_string(), Some("x+y".to_string()))]
+                );
+                assert_eq!(
+                    env.recipients[0].1,
+                    vec![(
+                        "ORCPT".to_string(),
+                        Some("rfc822;b+1@example.com".to_string())
+                    )]
+                );
+                return;
+            }
+            Step::Ask(q) => s.answer(accept(&q)),
+            Step::Write(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn dsn_parameter_errors() {
+    let long_envid = format!("MAIL FROM:<a@example.org> ENVID={}\r\n", "e".repeat(101));
+    let mut input = b"MAIL FROM:<a@example.org> RET=SOME\r\n\
+          MAIL FROM:<a@example.org> RET\r\n\
+          MAIL FROM:<a@example.org> RET=FULL ret=HDRS\r\n\
+          MAIL FROM:<a@example.org> ENVID=a+ZZ\r\n\
+          MAIL FROM:<a@example.org> ENVID=a+0D+0Ab\r\n\
+          MAIL FROM:<a@example.org> ENVID=a+\r\n"
+        .to_vec();
+    input.extend_from_slice(long_envid.as_bytes());
+    input.extend_from_slice(
+        b"MAIL FROM:<a@example.org> ENVID=x\r\n\
+          RCPT TO:<b@example.com> NOTIFY=NEVER,SUCCESS\r\n\
+          RCPT TO:<b@example.com> NOTIFY=FAILURE,FAILURE\r\n\
+          RCPT TO:<b@example.com> NOTIFY=SOMETIMES\r\n\
+          RCPT TO:<b@example.com> NOTIFY\r\n\
+          RCPT TO:<b@example.com> ORCPT=b@example.com\r\n\
+          RCPT TO:<b@example.com> ORCPT=rfc822;\r\n\
+          RCPT TO:<b@example.com> ORCPT=rfc822;b+00@example.com\r\n\
+          RCPT TO:<b@example.com> ORCPT=rfc822;a ORCPT=rfc822;b\r\n\
+          RCPT TO:<b@example.com> NOTIFY=DELAY\r\n",
+    );
+    let t = transcript(&input);
+    let notify = "501 5.5.4 Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY (any of them)\r\n";
+    let orcpt = "501 5.5.4 Syntax: ORCPT=<addr-type>;<xtext>\r\n";
+    assert_eq!(
+        t,
+        [
+            "501 5.5.4 Syntax: RET=FULL or RET=HDRS\r\n",
+            "501 5.5.4 Syntax: RET=FULL or RET=HDRS\r\n",
+            "501 5.5.4 Duplicate parameter RET\r\n",
+            "501 5.5.4 Syntax: ENVID=<xtext>\r\n",
+            "501 5.5.4 Syntax: ENVID=<xtext>\r\n",
+            "501 5.5.4 Syntax: ENVID=<xtext>\r\n",
+            "501 5.5.4 Syntax: ENVID=<xtext> (at most 100 characters)\r\n",
+            "?MAIL <a@example.org> ENVID=x\n250 2.1.0 Sender OK\r\n",
+            notify,
+            notify,
+            notify,
+            notify,
+            orcpt,
+            orcpt,
+            orcpt,
+            "501 5.5.4 Duplicate parameter ORCPT\r\n",
+            "?RCPT <b@example.com> NOTIFY=DELAY\n250 2.1.5 Recipient OK\r\n",
+        ]
+        .concat()
+    );
+}
+
+// ---- SIZE (RFC 1870): declared size advisory, real size enforced ----
+
+#[test]
+fn size_declaration_never_panics_and_real_size_is_enforced() {
+    let t = transcript(b"MAIL FROM:<a@example.org> SIZE=99999999999999999999999\r\n");
+    assert_eq!(
+        t,
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    );
+    let two_mib = vec![b'x'; 2 << 20];
+    for (max, accepted) in [(10u64 << 20, true), (1 << 20, false)] {
+        let cfg = ServerConfig {
+            max_message_size: max,
+            ..config()
+        };
+        // DATA.
+        let mut input =
+            b"MAIL FROM:<a@example.org> SIZE=10\r\nRCPT TO:<b@example.com>\r\nDATA\r\n".to_vec();
+        input.extend_from_slice(&two_mib);
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let t = transcript_with(&cfg, &input, &accept);
+        assert_eq!(t.contains("?MESSAGE"), accepted);
+        assert_eq!(t.contains("552 5.3.4"), !accepted);
+        assert!(t.ends_with("250 2.0.0 OK\r\n"));
+        // BDAT.
+        let mut input = format!(
+            "MAIL FROM:<a@example.org> SIZE=10\r\nRCPT TO:<b@example.com>\r\nBDAT {} LAST\r\n",
+            two_mib.len()
+        )
+        .into_bytes();
+        input.extend_from_slice(&two_mib);
+        input.extend_from_slice(b"NOOP\r\n");
+        let t = transcript_with(&cfg, &input, &accept);
+        assert_eq!(t.contains("?MESSAGE"), accepted);
+        assert_eq!(t.contains("552 5.3.4"), !accepted);
+        assert!(t.ends_with("250 2.0.0 OK\r\n"));
     }
 }
