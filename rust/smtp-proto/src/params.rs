@@ -124,6 +124,12 @@ pub fn check_mail_params(params: Params, max_size: u64) -> Result<Params, ParamE
                 Some(decode_xtext(v.as_bytes()).ok_or_else(|| syntax("Syntax: ENVID=<xtext>"))?)
             }
             ("ENVID", _) => return Err(syntax("Syntax: ENVID=<xtext> (at most 100 characters)")),
+            // RFC 4954 section 5: AUTH=<mailbox or <>>. Clients send it even to servers
+            // that never offered AUTH (and "AUTH=<>" is the common case); we authenticate
+            // nobody, so the claimed identity is untrusted: accept the syntax, drop the value
+            // (a relay that cannot vouch for it must not pass it on).
+            ("AUTH", Some(v)) if v == "<>" || decode_xtext(v.as_bytes()).is_some() => continue,
+            ("AUTH", _) => return Err(syntax("Syntax: AUTH=<> or AUTH=<xtext>")),
             _ => return Err(unsupported("MAIL", &key)),
         };
         out.push((key, value));

@@ -563,7 +563,7 @@ impl ServerSession {
             None => (line, &line[line.len()..]),
         };
         if line.contains(&b'\n') || line.contains(&b'\r') {
-            // Only possible when bare LF does not end a command line.
+            // A bare CR anywhere, or a bare LF when it does not end a command line.
             self.bad(500, "5.5.2", "Bare CR or LF in command line");
             return;
         }

@@ -471,11 +471,30 @@ fn mail_size_parameter() {
     );
 }
 
+/// RFC 4954 section 5: AUTH= on MAIL is accepted even though AUTH is not offered, and
+/// dropped, since nobody authenticated here can vouch for it.
+#[test]
+fn mail_auth_parameter_is_accepted_and_dropped() {
+    let t = transcript(
+        b"MAIL FROM:<> AUTH=<>\r\n\
+          RSET\r\n\
+          MAIL FROM:<a@example.org> AUTH=a+2Bb@example.org SIZE=10\r\n",
+    );
+    assert_eq!(
+        t,
+        "?MAIL <>\n\
+         250 2.1.0 Sender OK\r\n\
+         250 2.0.0 OK\r\n\
+         ?MAIL <a@example.org> SIZE=10\n\
+         250 2.1.0 Sender OK\r\n"
+    );
+}
+
 #[test]
 fn mail_body_and_unknown_parameters() {
     let t = transcript(
         b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\n\
-          MAIL FROM:<a@example.org> AUTH=<>\r\n\
+          MAIL FROM:<a@example.org> AUTH=+ZZ\r\n\
           MAIL FROM:<a@example.org> NOTIFY=NEVER\r\n\
           MAIL FROM:<a@example.org> BODY=7BIT BODY=7BIT\r\n\
           MAIL FROM:<a@example.org> =x\r\n\
@@ -486,7 +505,7 @@ fn mail_body_and_unknown_parameters() {
     assert_eq!(
         t,
         "501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME\r\n\
-         555 5.5.4 Unsupported MAIL parameter AUTH\r\n\
+         501 5.5.4 Syntax: AUTH=<> or AUTH=<xtext>\r\n\
          555 5.5.4 Unsupported MAIL parameter NOTIFY\r\n\
          501 5.5.4 Duplicate parameter BODY\r\n\
          501 5.5.4 Syntax error in parameters\r\n\
