@@ -22,7 +22,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.5,<2" uvloop lmdb msgpack dnspython prometheus-client \
-		pytest ruff mypy
+		"flufl.bounce>=6" pytest ruff mypy
 	touch $@
 
 venv: $(VENV)/.deps-stamp

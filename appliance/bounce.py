@@ -1,8 +1,13 @@
-"""Bounces: delivery status notifications for recipients that could not be delivered.
+"""Bounces and other delivery status notifications (DSNs) to the envelope sender.
 
 Called by the delivery scheduler, in the unprivileged Python process, once per message
-and pass with every recipient that failed in that pass. The result is queued like any
-other message, from the null reverse path <> to the original envelope sender.
+and pass with every recipient that failed in that pass (Action: failed), with the
+recipients that are late when the bounce profile's delay_warning has passed (Action:
+delayed, once per message) and with recipients that asked for NOTIFY=SUCCESS and were
+handed to a next hop that does not offer DSN (Action: relayed; RFC 3461 5.2.2). Which
+recipients get which report (NOTIFY=NEVER, FAILURE, DELAY, SUCCESS) is decided by the
+scheduler; this module writes the report. The result is queued like any other message,
+from the null reverse path <> to the original envelope sender.
 
 Formats: RFC 3464 (message/delivery-status) inside RFC 6522 (multipart/report;
 report-type=delivery-status), RFC 3463 status codes, RFC 3834 (Auto-Submitted:
@@ -25,8 +30,9 @@ import email.utils
 import quopri
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from appliance.queue import MessageRecord, RecipientRecord
 
@@ -157,6 +163,26 @@ def _quoted_printable(data: bytes) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
+Action = Literal["failed", "delayed", "relayed"]
+
+_SUBJECTS: dict[str, str] = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Delivery Report",
+}
+
+
+def _status(action: Action, rep: ReplyRecord) -> str:
+    """RFC 3464 2.3.4: the status code must agree with the action: 2.x.x for relayed,
+    4.x.x for delayed, 5.x.x (or the expiry code 4.4.7) for failed."""
+    status = rep.status
+    if action == "relayed":
+        return status if status.startswith("2.") else "2.0.0"
+    if action == "delayed":
+        return status if status.startswith("4.") else "4.0.0"
+    return status
+
+
 def build_bounce(
     record: MessageRecord,
     failed: list[RecipientRecord],
@@ -174,6 +200,72 @@ def build_bounce(
     section, or the whole message when the sender asked for RET=FULL (RFC 3461 4.3) and
     the message is 7-bit (message/rfc822 may not be re-encoded, RFC 2046 5.2.1).
     """
+    return build_dsn(record, failed, original, reporting_mta, now, to=to)
+
+
+def _human_lines(
+    action: Action,
+    reporting_mta: str,
+    rcpts: list[RecipientRecord],
+    reports: list[ReplyRecord],
+    retry_until: Callable[[RecipientRecord], float] | None,
+) -> list[str]:
+    intro = {
+        "failed": [
+            "Your message could not be delivered to one or more recipients.",
+            "The reasons are given below. The headers of your message are attached.",
+        ],
+        "delayed": [
+            "Your message has not yet been delivered to the recipients below.",
+            "The mail system keeps trying; you do not need to send it again.",
+        ],
+        "relayed": [
+            "Your message was relayed to the next mail server for the recipients below.",
+            "That server does not offer delivery status notifications, so this is",
+            "the last report you will get about these recipients.",
+        ],
+    }[action]
+    human = [f"This is the mail system at host {reporting_mta}.", "", *intro, ""]
+    for rcpt, rep in zip(rcpts, reports, strict=True):
+        if action == "relayed":
+            reason = f"relayed to {rep.host}" if rep.host else "relayed"
+        elif rep.expired:
+            reason = "the message could not be delivered before its queue lifetime ran out"
+            if rep.code is not None:
+                reason += f"; last attempt: {rep.diagnostic}"
+                if rep.host:
+                    reason += f" (from {rep.host})"
+        elif rep.host:
+            reason = f"host {rep.host} said: {rep.diagnostic}"
+        else:
+            reason = rep.diagnostic or rep.text or "delivery failed"
+        if action == "delayed" and retry_until is not None:
+            until = email.utils.formatdate(retry_until(rcpt), usegmt=True)
+            reason += f"; will be retried until {until}"
+        human.append(f"<{rcpt.address}>: {reason}")
+        human.append("")
+    return human
+
+
+def build_dsn(
+    record: MessageRecord,
+    rcpts: list[RecipientRecord],
+    original: bytes,
+    reporting_mta: str,
+    now: float,
+    to: str | None = None,
+    *,
+    action: Action = "failed",
+    retry_until: Callable[[RecipientRecord], float] | None = None,
+) -> bytes:
+    """An RFC 3464 report with `action` for every one of `rcpts` of `record`.
+
+    "failed" is the non-delivery report of `build_bounce`. "delayed" (RFC 3464 2.3.3)
+    carries Will-Retry-Until from `retry_until(rcpt)`; "relayed" says the message went
+    to a next hop that does not pass DSN requests on. Both return the headers of the
+    original only: RET applies to failure reports (RFC 3461 4.3).
+    """
+    failed = rcpts
     boundary = f"=_sluice_{secrets.token_hex(12)}"
     sender = to or record.sender or f"postmaster@{reporting_mta}"
     date = email.utils.formatdate(now, usegmt=True)
@@ -182,7 +274,7 @@ def build_bounce(
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{_ascii(sender)}>",
-        "Subject: Undelivered Mail Returned to Sender",
+        f"Subject: {_SUBJECTS[action]}",
         f"Date: {date}",
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
@@ -196,26 +288,7 @@ def build_bounce(
 
     # Part 1: for the person reading it.
     reports = [parse_reply_record(r.last_reply) for r in failed]
-    human = [
-        f"This is the mail system at host {reporting_mta}.",
-        "",
-        "Your message could not be delivered to one or more recipients.",
-        "The reasons are given below. The headers of your message are attached.",
-        "",
-    ]
-    for rcpt, rep in zip(failed, reports, strict=True):
-        if rep.expired:
-            reason = "the message could not be delivered before its queue lifetime ran out"
-            if rep.code is not None:
-                reason += f"; last attempt: {rep.diagnostic}"
-                if rep.host:
-                    reason += f" (from {rep.host})"
-        elif rep.host:
-            reason = f"host {rep.host} said: {rep.diagnostic}"
-        else:
-            reason = rep.diagnostic or rep.text or "delivery failed"
-        human.append(f"<{rcpt.address}>: {reason}")
-        human.append("")
+    human = _human_lines(action, reporting_mta, failed, reports, retry_until)
     human_bytes = "\n".join(human).encode("utf-8")
     if human_bytes.isascii():
         part1_head = [
@@ -245,8 +318,8 @@ def build_bounce(
             kind, _, value = orcpt.partition(";")
             status.append(f"Original-Recipient: {_ascii(kind)};{_ascii(_xtext_decode(value))}")
         status.append(f"Final-Recipient: {_address_field(rcpt.address)}")
-        status.append("Action: failed")
-        status.append(f"Status: {rep.status}")
+        status.append(f"Action: {action}")
+        status.append(f"Status: {_status(action, rep)}")
         if rep.remote_mta:
             status.append(f"Remote-MTA: dns; {_ascii(rep.remote_mta)}")
         if rep.code is not None:
@@ -255,10 +328,13 @@ def build_bounce(
             status.append(f"Diagnostic-Code: X-Sluice; {_ascii(rep.text)}")
         if rcpt.updated:
             status.append(f"Last-Attempt-Date: {email.utils.formatdate(rcpt.updated, usegmt=True)}")
+        if action == "delayed" and retry_until is not None:
+            until = email.utils.formatdate(retry_until(rcpt), usegmt=True)
+            status.append(f"Will-Retry-Until: {until}")
 
     # Part 3: the original, as much as the sender asked for and 7-bit allows.
     ret = (_param(record.mail_params, "RET") or "HDRS").upper()
-    if ret == "FULL" and original.isascii():
+    if ret == "FULL" and original.isascii() and action == "failed":
         part3_head = ["Content-Type: message/rfc822", "Content-Description: Undelivered Message"]
         part3_body = original if original.endswith(b"\r\n") else original + b"\r\n"
     else:

@@ -4,13 +4,17 @@ Run by the operator (or systemd) as the sluice service user:
 
     sluice run [--config FILE]            start the gateway (appliance.app.run)
     sluice queue [--config FILE] [--json] list queued messages and per-recipient state
+    sluice hosts [--config FILE] [--json] per destination: connections, queued, counts,
+                                          last reply, pause (like IronPort's hoststatus)
     sluice config check FILE              validate a configuration file
     sluice --version
 
 `sluice queue` opens the LMDB queue read-only and may run while `sluice run` is writing
 to it: LMDB readers in other processes see the last committed state and never block the
-writer. Exit status: 0 success, 1 operational failure (e.g. no data directory), 2 bad
-configuration or usage.
+writer. `sluice hosts` reads the destination state the running process publishes in
+<data_dir>/hosts.json every few seconds (appliance.delivery.destinations) and adds the
+recipients queued per domain from the queue. Exit status: 0 success, 1 operational
+failure (e.g. no data directory), 2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -135,6 +139,99 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _hosts_rows(config: Config) -> dict[str, Any] | str:
+    """Destinations as JSON-ready dicts (most queued first), or an error message."""
+    from appliance.delivery.destinations import read_snapshot
+    from appliance.queue import Queue
+
+    if not config.data_dir.is_dir():
+        return f"sluice: data directory {config.data_dir} does not exist"
+    try:
+        snapshot = read_snapshot(config.data_dir) or {}
+    except (OSError, ValueError) as exc:
+        return f"sluice: cannot read the host state in {config.data_dir}: {exc}"
+    published: dict[str, Any] = snapshot.get("destinations") or {}
+    queued: dict[str, int] = {}
+    try:
+        queue = Queue(config.data_dir, readonly=True)
+    except FileNotFoundError:
+        queue = None
+    except Exception as exc:  # lmdb.Error and OSError
+        return f"sluice: cannot open the queue in {config.data_dir}: {exc}"
+    if queue is not None:
+        try:
+            for rec in queue.all():
+                for r in rec.pending_recipients():
+                    domain = r.address.rpartition("@")[2].lower()
+                    queued[domain] = queued.get(domain, 0) + 1
+        finally:
+            queue.close_sync()
+    rows = []
+    for domain in sorted(set(published) | set(queued)):
+        state = published.get(domain, {})
+        rows.append(
+            {
+                "domain": domain,
+                "settings": state.get("settings") or config.destination(domain)[0],
+                "active_connections": state.get("active_connections", 0),
+                "connection_limit": state.get("connection_limit"),
+                "queued": queued.get(domain, 0),
+                "delivered": state.get("delivered", 0),
+                "deferred": state.get("deferred", 0),
+                "bounced": state.get("bounced", 0),
+                "last_reply": state.get("last_reply", ""),
+                "last_reply_at": state.get("last_reply_at"),
+                "consecutive_failures": state.get("consecutive_failures", 0),
+                "paused_until": state.get("paused_until"),
+                "pause_reason": state.get("pause_reason", ""),
+            }
+        )
+    rows.sort(key=lambda r: (-r["queued"], -r["active_connections"], r["domain"]))
+    return {
+        "updated": snapshot.get("updated"),
+        "started": snapshot.get("started"),
+        "pid": snapshot.get("pid"),
+        "destinations": rows,
+    }
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    doc = _hosts_rows(config)
+    if isinstance(doc, str):
+        print(doc, file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    rows = doc["destinations"]
+    when = doc["updated"] or "never (no snapshot: sluice has not run here)"
+    print(f"state as of {when}; counts since {doc['started'] or '-'}")
+    if not rows:
+        print("no destinations")
+        return EXIT_OK
+    width = max(len("destination"), *(len(r["domain"]) for r in rows))
+    print(
+        f"{'destination':<{width}}  {'active':>6}  {'queued':>6}  {'delivered':>9}"
+        f"  {'deferred':>8}  {'bounced':>7}  status"
+    )
+    for r in rows:
+        if r["paused_until"]:
+            status = f"paused until {r['paused_until']}: {r['pause_reason']}"
+        elif r["consecutive_failures"]:
+            status = f"{r['consecutive_failures']} failures; last: {r['last_reply']}"
+        else:
+            status = f"last: {r['last_reply']}" if r["last_reply"] else "-"
+        print(
+            f"{r['domain']:<{width}}  {r['active_connections']:>6}  {r['queued']:>6}"
+            f"  {r['delivered']:>9}  {r['deferred']:>8}  {r['bounced']:>7}  {status}"
+        )
+    return EXIT_OK
+
+
 def _summary(config: Config) -> list[str]:
     lines = [f"  hostname: {config.hostname}", f"  data_dir: {config.data_dir}"]
     for lst in config.listeners:
@@ -145,9 +242,22 @@ def _summary(config: Config) -> list[str]:
         )
     for domain, route in sorted(config.routes.items()):
         hops = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in route.hosts)
-        lines.append(f"  route {domain} -> {hops}")
+        lines.append(f"  route {domain} -> {'MX lookup (dns)' if route.use_dns else hops}")
     if "*" not in config.routes:
         lines.append(f"  route * -> MX lookup (port {config.delivery.mx_port})")
+    for name, prof in sorted(config.bounce_profiles.items()):
+        warn = f"{prof.delay_warning:g}s" if prof.delay_warning else "never"
+        lines.append(
+            f"  bounce profile {name}: retry {prof.retry_initial:g}s..{prof.retry_max:g}s,"
+            f" bounce after {prof.max_queue_time:g}s, delay warning {warn}"
+        )
+    for pattern, d in sorted(config.destinations.items()):
+        limit = d.max_connections or config.delivery.max_connections
+        rate = f"{d.messages_per_minute}/min" if d.messages_per_minute else "unlimited"
+        lines.append(
+            f"  destination {pattern}: {limit} connections, {rate}, tls {d.tls},"
+            f" {d.recipients_per_message} recipients per message"
+        )
     if not config.durable:
         lines.append("  WARNING: durable = false: messages are acknowledged before fsync")
     return lines
@@ -175,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_queue.add_argument("--config", metavar="FILE", help="TOML file (default: built-in)")
     p_queue.add_argument("--json", action="store_true", help="print a JSON array")
     p_queue.set_defaults(func=cmd_queue)
+
+    p_hosts = sub.add_parser("hosts", help="per-destination delivery state")
+    p_hosts.add_argument("--config", metavar="FILE", help="TOML file (default: built-in)")
+    p_hosts.add_argument("--json", action="store_true", help="print a JSON object")
+    p_hosts.set_defaults(func=cmd_hosts)
 
     p_config = sub.add_parser("config", help="configuration tools")
     config_sub = p_config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

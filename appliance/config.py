@@ -68,6 +68,9 @@ class ListenerConfig:
     starttls: bool = True
     tls_certificate: Path | None = None
     tls_key: Path | None = None
+    # The bounce profile (retry and expiry schedule) stored with every message accepted
+    # here; a destination's own `bounce_profile` overrides it (docs/delivery.md).
+    bounce_profile: str = "default"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -77,9 +80,57 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class Route:
-    """Static next hops for a domain, tried in order instead of the domain's MX records."""
+    """Static next hops for a domain, tried in order instead of the domain's MX records.
 
-    hosts: tuple[tuple[str, int], ...]
+    `use_dns` (written `["dns"]` in the file, IronPort's USEDNS) means: look the domain's
+    MX records up after all, even where a ".parent" or "*" route would otherwise apply.
+    """
+
+    hosts: tuple[tuple[str, int], ...] = ()
+    use_dns: bool = False
+
+
+TlsPolicy = Literal["none", "opportunistic", "required", "required-verified"]
+TLS_POLICIES: tuple[str, ...] = ("none", "opportunistic", "required", "required-verified")
+
+
+@dataclass(frozen=True)
+class BounceProfile:
+    """When to retry deferred mail and when to give up (IronPort's "bounce profile").
+
+    Retries back off exponentially with jitter from `retry_initial` to `retry_max`; a
+    recipient still deferred `max_queue_time` after arrival bounces (4.4.7). After
+    `delay_warning` seconds (0: never) one "delayed" DSN (RFC 3464) is sent per message
+    to a sender who asked for NOTIFY=DELAY or gave no NOTIFY.
+    """
+
+    name: str = "default"
+    retry_initial: float = 60
+    retry_max: float = 3600
+    max_queue_time: float = 5 * 86400
+    delay_warning: float = 0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """Destination controls for one recipient domain (`[destinations."example.com"]`).
+
+    Limits apply to each recipient domain separately, also when the settings come from a
+    ".parent" or "*" table. None means: the [delivery] setting of the same name.
+    """
+
+    max_connections: int | None = None
+    messages_per_connection: int | None = None
+    recipients_per_message: int = 100
+    messages_per_minute: int = 0  # 0: no rate limit
+    tls: TlsPolicy = "opportunistic"
+    tls_ca_file: Path | None = None  # for required-verified; default: the system store
+    bounce_profile: str | None = None  # overrides the listener's profile
+    # Adaptive back-off: after `pause_after` consecutive failed attempts (4xx replies or
+    # unusable hosts) the destination is paused, for pause_initial doubling to pause_max.
+    pause_after: int = 5
+    pause_initial: float = 60
+    pause_max: float = 3600
 
 
 @dataclass(frozen=True)
@@ -112,8 +163,46 @@ class Config:
     durable: bool = True
     log_file: str | None = None
     metrics_address: str | None = None
+    # Incoming bounces (docs/bounces.md): mail to one of these addresses is parsed and
+    # recorded in `bounce_log` (None: <data_dir>/bounces.jsonl) instead of relayed.
+    # Entries are whole addresses or "local+*@domain" (VERP-style tags); empty: off.
+    bounce_addresses: tuple[str, ...] = ()
+    bounce_log: Path | None = None
     dns_servers: tuple[tuple[str, int], ...] = ()
     dns_timeout: float = 5.0
+    # Named bounce profiles; "default" is built from max_queue_time and the [delivery]
+    # retry keys unless the file has its own [bounce_profiles.default].
+    bounce_profiles: dict[str, BounceProfile] = field(default_factory=dict)
+    # Destination controls by pattern: "example.com", ".example.com" or "*".
+    destinations: dict[str, DestinationConfig] = field(default_factory=dict)
+
+    def profile(self, name: str | None) -> BounceProfile:
+        """The bounce profile called `name`; the default one for None, "" or a name that
+        is no longer configured (a message queued under an older configuration)."""
+        if name and name in self.bounce_profiles:
+            return self.bounce_profiles[name]
+        if "default" in self.bounce_profiles:
+            return self.bounce_profiles["default"]
+        return BounceProfile(
+            name="default",
+            retry_initial=self.delivery.retry_initial,
+            retry_max=self.delivery.retry_max,
+            max_queue_time=self.max_queue_time,
+        )
+
+    def destination(self, domain: str) -> tuple[str, DestinationConfig]:
+        """The destination table that applies to `domain` and its pattern: the domain
+        itself, then ".parent" patterns from the nearest parent up, then "*"."""
+        domain = domain.lower().rstrip(".")
+        table = self.destinations
+        if domain in table:
+            return domain, table[domain]
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            pattern = "." + ".".join(labels[i:])
+            if pattern in table:
+                return pattern, table[pattern]
+        return "*", table.get("*", DestinationConfig())
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,6 +504,7 @@ _LISTENER_KEYS = {
     "starttls": _bool,
     "tls_certificate": None,
     "tls_key": None,
+    "bounce_profile": None,
 }
 
 
@@ -492,6 +582,7 @@ def _parse_listener(r: _Reader, base_dir: Path | None = None) -> ListenerConfig:
         max_line_length=r.get("max_line_length", _line_length, d.max_line_length),
         tls_certificate=tls_certificate,
         tls_key=tls_key,
+        bounce_profile=r.get("bounce_profile", _listener_name, d.bounce_profile),
     )
 
 
@@ -545,11 +636,173 @@ def _parse_routes(r: _Reader) -> dict[str, Route]:
             value = [value]
         if not isinstance(value, list) or not value:
             raise r.error(path, 'expected a non-empty array of "host:port" strings', value)
-        hosts = tuple(r.convert(f"{path}[{i}]", _host_port(25), h) for i, h in enumerate(value))
         if domain in routes:
             raise r.error(path, "duplicate route (domains are compared case-insensitively)")
+        if value == ["dns"]:
+            # IronPort's USEDNS: this domain goes by its MX records after all.
+            routes[domain] = Route(use_dns=True)
+            continue
+        if "dns" in value:
+            raise r.error(path, '"dns" must be the only entry of a route (["dns"])', value)
+        hosts = tuple(r.convert(f"{path}[{i}]", _host_port(25), h) for i, h in enumerate(value))
         routes[domain] = Route(hosts=hosts)
     return routes
+
+
+def _duration_or_zero(value: object) -> float:
+    """A duration, where 0 means "never" (delay_warning)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return parse_duration(value)
+
+
+def _non_negative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid("expected an integer of at least 0")
+    return value
+
+
+def _parse_profiles(
+    r: _Reader, top: Mapping[str, Any], delivery: DeliveryConfig
+) -> dict[str, BounceProfile]:
+    base = BounceProfile(
+        name="default",
+        retry_initial=delivery.retry_initial,
+        retry_max=delivery.retry_max,
+        max_queue_time=r.convert("max_queue_time", parse_duration, top["max_queue_time"])
+        if "max_queue_time" in top
+        else BounceProfile.max_queue_time,
+    )
+    profiles = {"default": base}
+    keys = {
+        "retry_initial": parse_duration,
+        "retry_max": parse_duration,
+        "max_queue_time": parse_duration,
+        "delay_warning": _duration_or_zero,
+    }
+    for name, table in r.table.items():
+        path = r.key_path(json.dumps(name) if "." in name else name)
+        r.convert(path, _listener_name, name)
+        if not isinstance(table, dict):
+            raise r.error(path, "expected a table [bounce_profiles.NAME]", table)
+        sub = _Reader(r.source, path, table)
+        sub.check_keys(keys)
+        # Unset keys fall back to the default profile (itself the top-level keys).
+        values = {k: sub.get(k, parse, getattr(base, k)) for k, parse in keys.items()}
+        profile = BounceProfile(name=name, **values)
+        if profile.retry_max < profile.retry_initial:
+            raise sub.error(
+                sub.key_path("retry_max"),
+                f"expected a duration no shorter than retry_initial ({profile.retry_initial:g}s)",
+                table.get("retry_max", profile.retry_max),
+            )
+        profiles[name] = profile
+    return profiles
+
+
+def _ca_file(base_dir: Path | None) -> Callable[[object], Path]:
+    def parse(value: object) -> Path:
+        path = Path(_string(value))
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (OSError, ssl.SSLError) as exc:
+            raise _Invalid(
+                f"expected a readable PEM file of CA certificates: {path}: {exc}"
+            ) from None
+        return path
+
+    return parse
+
+
+def _destination_keys(base_dir: Path | None) -> dict[str, Callable[[object], object]]:
+    return {
+        "max_connections": _positive_int,
+        "messages_per_connection": _positive_int,
+        "recipients_per_message": _positive_int,
+        "messages_per_minute": _non_negative_int,
+        "tls": _choice(*TLS_POLICIES),
+        "tls_ca_file": _ca_file(base_dir),
+        "bounce_profile": _listener_name,
+        "pause_after": _positive_int,
+        "pause_initial": parse_duration,
+        "pause_max": parse_duration,
+    }
+
+
+def _parse_destinations(
+    r: _Reader, profiles: Mapping[str, BounceProfile], base_dir: Path | None
+) -> dict[str, DestinationConfig]:
+    keys = _destination_keys(base_dir)
+    raw: dict[str, tuple[str, _Reader]] = {}
+    for key, table in r.table.items():
+        path = r.key_path(json.dumps(key) if "." in key or key == "*" else key)
+        if key == "*":
+            pattern = "*"
+        else:
+            try:
+                pattern = _domain_pattern(key)
+            except _Invalid as exc:
+                raise r.error(path, exc.expected + ' or "*" as the destination key') from None
+        if not isinstance(table, dict):
+            raise r.error(path, 'expected a table [destinations."example.com"]', table)
+        if pattern in raw:
+            raise r.error(path, "duplicate destination (compared case-insensitively)")
+        sub = _Reader(r.source, path, table)
+        sub.check_keys(keys)
+        name = table.get("bounce_profile")
+        if name is not None and name not in profiles:
+            known = ", ".join(sorted(profiles))
+            raise sub.error(
+                sub.key_path("bounce_profile"), f"expected a profile name (one of: {known})", name
+            )
+        raw[pattern] = (path, sub)
+
+    def build(sub: _Reader, base: DestinationConfig) -> DestinationConfig:
+        values = {k: sub.get(k, parse, getattr(base, k)) for k, parse in keys.items()}
+        dest = DestinationConfig(**values)
+        if dest.pause_max < dest.pause_initial:
+            raise sub.error(
+                sub.key_path("pause_max"),
+                f"expected a duration no shorter than pause_initial ({dest.pause_initial:g}s)",
+                sub.table.get("pause_max", dest.pause_max),
+            )
+        return dest
+
+    # Every table inherits the keys it does not set from "*", then the built-in defaults.
+    default = build(raw["*"][1], DestinationConfig()) if "*" in raw else DestinationConfig()
+    out = {"*": default}
+    for pattern, (_, sub) in raw.items():
+        if pattern != "*":
+            out[pattern] = build(sub, default)
+    return out
+
+
+def _bounce_address(value: object) -> str:
+    """A bounce address: a whole mailbox, or "local+*@domain" for every tag of `local`."""
+    expected = 'expected a mailbox such as "bounces@example.com" or "bounces+*@example.com"'
+    if not isinstance(value, str):
+        raise _Invalid(expected)
+    local, at, domain = value.rpartition("@")
+    plain = local[:-2] if local.endswith("+*") else local
+    try:
+        _address(f"{plain}@{domain}" if at else value)
+    except _Invalid:
+        raise _Invalid(expected) from None
+    if "*" in plain:
+        raise _Invalid(expected)
+    return value
+
+
+def _bounce_log(r: _Reader, data_dir: Path, base_dir: Path | None) -> Path:
+    # Relative to the configuration file, as data_dir is.
+    if "bounce_log" not in r.table:
+        return data_dir / "bounces.jsonl"
+    path = Path(r.get("bounce_log", _string, ""))
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return path
 
 
 _TOP_KEYS = {
@@ -560,10 +813,14 @@ _TOP_KEYS = {
     "durable",
     "log_file",
     "metrics_address",
+    "bounce_addresses",
+    "bounce_log",
     "listeners",
     "routes",
     "dns",
     "delivery",
+    "bounce_profiles",
+    "destinations",
 }
 
 
@@ -609,20 +866,35 @@ def _build(source: str, doc: Mapping[str, Any], base_dir: Path | None) -> Config
     dns = r.subtable("dns")
     dns.check_keys({"servers", "timeout"})
 
+    delivery = _parse_delivery(r.subtable("delivery"))
+    profiles = _parse_profiles(r.subtable("bounce_profiles"), doc, delivery)
+    for i, listener in enumerate(listeners):
+        if listener.bounce_profile not in profiles:
+            known = ", ".join(sorted(profiles))
+            raise r.error(
+                f"listeners[{i}].bounce_profile",
+                f"expected a profile name (one of: {known})",
+                listener.bounce_profile,
+            )
+
     return Config(
         source=source,
         hostname=hostname,
         data_dir=data_dir,
         listeners=listeners,
         routes=_parse_routes(r.subtable("routes")),
-        delivery=_parse_delivery(r.subtable("delivery")),
-        max_queue_time=r.get("max_queue_time", parse_duration, 5 * 86400.0),
+        delivery=delivery,
+        max_queue_time=profiles["default"].max_queue_time,
         postmaster=r.get("postmaster", _address, None),
         durable=r.get("durable", _bool, True),
         log_file=r.get("log_file", _string, None),
         metrics_address=r.get("metrics_address", _listen_address, None),
+        bounce_addresses=r.array("bounce_addresses", _bounce_address, ()),
+        bounce_log=_bounce_log(r, data_dir, base_dir),
         dns_servers=dns.array("servers", _nameserver, ()),
         dns_timeout=dns.get("timeout", parse_duration, 5.0),
+        bounce_profiles=profiles,
+        destinations=_parse_destinations(r.subtable("destinations"), profiles, base_dir),
     )
 
 

@@ -6,7 +6,8 @@ unless `configure()` names a file. JSON lines were chosen over key=value because
 recipients and replies contain spaces and quotes that key=value would have to escape.
 
 Events: connect, reject, accepted, delivery_attempt, delivered, deferred, bounced,
-bounce_queued, dropped, expired, shutdown, startup.
+bounce_queued, dropped, expired, bounce_received, bounce_error, destination_paused,
+destination_recovered, shutdown, startup.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ commit, an asynchronous policy lookup) are answered in a later batch, as they fi
 A complete message (`kind == "data"`) goes through `MessageAcceptor`: loop check,
 Received: header, a queue record, and the durable group commit. Only when that commit is
 on disk does the client get its 250 with the queue id (the queue's durability rule).
+The copy for a configured bounce address is not queued: it is parsed and recorded in the
+bounce log (appliance/bounce_intake.py), fsync'ed before the 250 as well.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from appliance import trace
+from appliance.bounce_intake import BounceIntake
 from appliance.eventlog import log_event
 from appliance.policy import Policy, PolicyResult, Verdict
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
 LOOP_DETECTED = Verdict(554, "5.4.6", "mail loop detected: too many Received: headers")
 QUEUE_FAILED = Verdict(451, "4.3.0", "temporary queue failure, try again later")
+BOUNCE_LOG_FAILED = Verdict(451, "4.3.0", "temporary bounce log failure, try again later")
 
 
 class MessageAcceptor:
@@ -39,6 +43,9 @@ class MessageAcceptor:
         self._config = config
         self._queue = queue
         self._on_queued = on_queued
+        # Stored with each message: the scheduler retries it by this profile.
+        self._profiles = {lc.name: lc.bounce_profile for lc in config.listeners}
+        self._bounces = BounceIntake(config) if config.bounce_addresses else None
 
     def accept(self, request: Request) -> PolicyResult:
         body = request.body
@@ -51,12 +58,63 @@ class MessageAcceptor:
                 received=trace.count_received(body),
             )
             return LOOP_DETECTED
+        if self._bounces is not None:
+            to_us = [i for i, r in enumerate(request.recipients) if r in self._bounces.addresses]
+            if to_us:
+                return self._intake(self._bounces, request, body, to_us)
         return self._commit(request, body)
 
-    async def _commit(self, request: Request, body: bytes) -> Verdict:
-        now = time.time()
+    async def _intake(
+        self, bounces: BounceIntake, request: Request, body: bytes, to_us: list[int]
+    ) -> Verdict:
+        """A report for our bounce address: recorded, not relayed; any other recipients
+        of the same message are queued as usual under the same queue id. The log is
+        written first, so a failure after it (queue) means a 451 and, when the client
+        sends again, the report recorded twice: never a 250 for an unrecorded report."""
         qid = new_queue_id()
-        recipients = [self._local_postmaster(r) for r in request.recipients]
+        bounce_to = request.recipients[to_us[0]]
+        loop = asyncio.get_running_loop()
+        try:
+            records = await loop.run_in_executor(
+                None,
+                lambda: bounces.record(
+                    body,
+                    bounce_id=qid,
+                    sender=request.sender,
+                    bounce_to=bounce_to,
+                    peer=request.peer_ip,
+                    now=time.time(),
+                ),
+            )
+        except Exception as exc:  # the disk said no: the client must keep the message
+            log_event("bounce_error", qid=qid, error=repr(exc))
+            return BOUNCE_LOG_FAILED
+        log_event(
+            "bounce_received",
+            qid=qid,
+            peer=request.peer_ip,
+            sender=request.sender,
+            bounce_to=bounce_to,
+            size=len(body),
+            format=records[0].format if records else "",
+            failed=[r.recipient for r in records],
+            classes=[r.bounce_class for r in records],
+            original_qids=sorted({r.original_qid for r in records if r.original_qid}),
+        )
+        others = [i for i in range(len(request.recipients)) if i not in to_us]
+        if others:
+            return await self._commit(request, body, qid=qid, only=others)
+        return Verdict(250, "2.0.0", f"Ok: bounce recorded as {qid}")
+
+    async def _commit(
+        self, request: Request, body: bytes, qid: str | None = None, only: list[int] | None = None
+    ) -> Verdict:
+        """Queue the message for its recipients (only those at indexes `only`, if given)."""
+        now = time.time()
+        qid = qid or new_queue_id()
+        indexes = range(len(request.recipients)) if only is None else only
+        recipients = [self._local_postmaster(request.recipients[i]) for i in indexes]
+        rcpt_params = [request.rcpt_params[i] for i in indexes]
         header = trace.received_header(
             helo=request.helo,
             peer_ip=request.peer_ip,
@@ -75,13 +133,14 @@ class MessageAcceptor:
             mail_params=list(request.mail_params),
             recipients=[
                 RecipientRecord(address=address, params=list(params))
-                for address, params in zip(recipients, request.rcpt_params, strict=True)
+                for address, params in zip(recipients, rcpt_params, strict=True)
             ],
             size=len(stored),
             peer_ip=request.peer_ip,
             helo=request.helo or "",
             listener=request.listener,
             next_attempt=now,
+            bounce_profile=self._profiles.get(request.listener, ""),
         )
         try:
             await self._queue.submit(record, stored)

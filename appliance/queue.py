@@ -11,7 +11,8 @@ from another process while the server runs (LMDB readers never block the writer)
 Layout under `<data_dir>/queue` (an LMDB environment, records encoded with msgpack):
 
     messages    qid -> envelope record (a msgpack map; unknown keys are ignored so later
-                versions may add fields)
+                versions may add fields; `bounce_profile` and `delay_warned` were added
+                that way and default to "" / false when absent)
     bodies      qid -> the message bytes as received (CRLF line ends, RFC 5322)
     schedule    8-byte big-endian next-attempt time in ms + qid -> b"" (an index: cursor
                 order is due order)
@@ -88,6 +89,10 @@ class MessageRecord:
     next_attempt: float = 0.0
     attempts: int = 0
     is_bounce: bool = False  # a DSN we generated: never bounced again (RFC 3464 section 2)
+    # The bounce profile chosen at acceptance (the listener's); "" means "default".
+    bounce_profile: str = ""
+    # A "delayed" DSN (RFC 3464 Action: delayed) was already sent for this message.
+    delay_warned: bool = False
 
     def pending_recipients(self) -> list[RecipientRecord]:
         return [r for r in self.recipients if r.state in ("pending", "deferred")]
@@ -165,6 +170,8 @@ def encode_record(record: MessageRecord) -> bytes:
         "next_attempt": float(record.next_attempt),
         "attempts": record.attempts,
         "is_bounce": record.is_bounce,
+        "bounce_profile": record.bounce_profile,
+        "delay_warned": record.delay_warned,
     }
     # surrogateescape: addresses decoded leniently from 8-bit input round-trip unchanged.
     data: bytes = msgpack.packb(doc, use_bin_type=True, unicode_errors="surrogateescape")
@@ -176,6 +183,10 @@ def _typed(doc: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise CorruptRecord(f"field {key!r} has type {type(value).__name__}")
     return value
+
+
+def _optional(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    return _typed(doc, key, kind) if key in doc else default
 
 
 def _params(value: object) -> list[tuple[str, str | None]]:
@@ -230,6 +241,9 @@ def decode_record(data: bytes) -> MessageRecord:
             next_attempt=float(_typed(doc, "next_attempt", (int, float))),
             attempts=_typed(doc, "attempts", int),
             is_bounce=_typed(doc, "is_bounce", bool),
+            # Added later: records written before have neither key.
+            bounce_profile=_optional(doc, "bounce_profile", str, ""),
+            delay_warned=_optional(doc, "delay_warned", bool, False),
         )
     except CorruptRecord:
         raise

@@ -19,7 +19,6 @@ import email
 import email.policy
 import inspect
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import uvloop
+
+from tests.netutil import free_port, loopback_hosts
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
@@ -52,36 +53,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 
 # -- addresses and ports ----------------------------------------------------------------------
-
-
-_used_hosts: set[str] = set()
-
-
-def loopback_hosts(n: int) -> list[str]:
-    """n distinct 127.x.y.z addresses not handed out before in this session."""
-    out: list[str] = []
-    while len(out) < n:
-        host = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
-        if host not in _used_hosts:
-            _used_hosts.add(host)
-            out.append(host)
-    return out
-
-
-def free_port(*hosts: str) -> int:
-    """A port that is free for both TCP and UDP on every one of `hosts`."""
-    hosts = hosts or ("127.0.0.1",)
-    for _ in range(200):
-        port = random.randint(20000, 60000)
-        try:
-            for host in hosts:
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, kind) as s:
-                        s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def _wait_tcp(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:

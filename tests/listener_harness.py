@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -25,36 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.netutil import free_port as free_port
+from tests.netutil import toml_value
+
 ROOT = Path(__file__).resolve().parents[1]
 SLUICE = Path(sys.prefix) / "bin" / "sluice"
 if not SLUICE.exists():
     SLUICE = ROOT / ".venv" / "bin" / "sluice"
 
 HOSTNAME = "gw.sluice.test"
-
-
-def pick_port() -> int:
-    for _ in range(500):
-        port = random.randint(20000, 60000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 @dataclass
@@ -171,7 +149,7 @@ def sluice_server(tmp_path: Path) -> Iterator[ServerFactory]:
     ) -> Server:
         workdir = tmp_path / f"sluice{len(started)}"
         workdir.mkdir()
-        server = Server(workdir, workdir / "sluice.toml", pick_port())
+        server = Server(workdir, workdir / "sluice.toml", free_port())
         write_config(server, listener, routes)
         started.append(server)
         if start:

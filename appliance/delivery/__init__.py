@@ -6,9 +6,11 @@ The stage after the queue on the path of a message. Three modules, read in this 
   RFC 7505 null MX) -> an ordered list of hosts, or a permanent / temporary failure.
 - `smtp_client`: one outbound SMTP connection (RFC 5321, RFC 2920 pipelining, RFC 3463
   enhanced status codes) with an outcome per recipient.
+- `destinations`: per recipient domain limits, counters, adaptive back-off (pauses) and
+  the hosts.json snapshot read by `sluice hosts`.
 - `scheduler`: takes due messages from the queue, groups recipients by domain, reuses and
-  limits connections, records per-recipient outcomes, retries with backoff, and hands
-  permanent failures to `appliance.bounce`.
+  limits connections, records per-recipient outcomes, retries with backoff by bounce
+  profile, and hands permanent failures and DSN requests to `appliance.bounce`.
 
 Runs inside the unprivileged Python process; it talks to the queue and to remote MTAs and
 never to the inbound Rust side except through `DeliveryScheduler.notify()`.

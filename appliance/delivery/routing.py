@@ -4,7 +4,9 @@ Asked by the delivery scheduler for every recipient domain. Order of decisions:
 
 1. a static route from the configuration (`[routes]`): the domain itself, then each
    parent written ".example.com", then the default route "*"; hosts are tried in the
-   configured order (a host name in a route is looked up as A/AAAA, never as MX);
+   configured order (a host name in a route is looked up as A/AAAA, never as MX). The
+   first route that matches decides: one written `["dns"]` (IronPort's USEDNS) sends the
+   domain to step 3 although a broader route (".parent" or "*") exists;
 2. an address literal, `[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3);
 3. DNS MX records (RFC 5321 5.1): lowest preference first, random order among equal
    preferences, every IPv4 then IPv6 address of each exchange; with no MX records the
@@ -125,19 +127,22 @@ class Router:
         self._resolver = resolver
 
     def static_route(self, domain: str) -> tuple[Hop, ...] | None:
-        """The configured hosts for `domain`: exact, then ".parent" patterns, then "*"."""
+        """The configured hosts for `domain`: exact, then ".parent" patterns, then "*";
+        None when no route matches or the matching route says "dns"."""
         routes = self._config.routes
         domain = domain.lower().rstrip(".")
-        if domain in routes:
-            return routes[domain].hosts
-        labels = domain.split(".")
-        for i in range(1, len(labels)):
-            pattern = "." + ".".join(labels[i:])
-            if pattern in routes:
-                return routes[pattern].hosts
-        if "*" in routes:
-            return routes["*"].hosts
-        return None
+        route = routes.get(domain)
+        if route is None:
+            labels = domain.split(".")
+            for i in range(1, len(labels)):
+                route = routes.get("." + ".".join(labels[i:]))
+                if route is not None:
+                    break
+        if route is None:
+            route = routes.get("*")
+        if route is None or route.use_dns:
+            return None
+        return route.hosts
 
     async def resolve(self, domain: str) -> Resolution:
         """Hosts to try for `domain`, in order, or why there are none."""

@@ -3,8 +3,17 @@
 Used by the delivery scheduler (unprivileged Python process) to hand queued mail to the
 next hop. Follows RFC 5321 (the dialogue, reply syntax in 4.2, client timeouts in
 4.5.3.2, dot-stuffing in 4.5.2), RFC 2920 (command pipelining), RFC 3463 (enhanced status
-codes), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8) and passes RFC 3461
-(DSN) parameters through when the next hop announces DSN.
+codes), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8), RFC 3207 (STARTTLS,
+with the policy of the destination: none, opportunistic, required, required-verified)
+and passes RFC 3461 (DSN) parameters through, xtext-encoded again, when the next hop
+announces DSN.
+
+TLS policy (docs/delivery.md): "opportunistic" says STARTTLS when offered without
+checking the certificate, and when the handshake fails it connects again and sends in
+plain text, as Postfix does at security level "may" (mail that would flow in clear
+anyway should not stall because TLS is broken); "required" defers (451 4.7.5) when
+STARTTLS is missing or fails; "required-verified" also checks the chain against the
+system store or `tls_ca_file` and the next hop's name (the MX name, or the route host).
 
 Why our own client instead of smtplib or aiosmtplib: an MTA needs the outcome of every
 recipient separately (RCPT replies and the DATA reply, kept per recipient), must treat a
@@ -22,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from appliance.config import DeliveryConfig
+from appliance.config import DeliveryConfig, TlsPolicy
 
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line; real servers send longer ones
 # (long banners, URLs in rejections), so accept far more but still bound memory.
@@ -174,6 +185,60 @@ class DeliveryResult:
     unanswered: bool = False
 
 
+# RFC 5321 4.1.2:  Quoted-string = DQUOTE *QcontentSMTP DQUOTE
+#   QcontentSMTP = qtextSMTP / quoted-pairSMTP;  quoted-pairSMTP = %d92 %d32-126
+#   qtextSMTP = %d32-33 / %d35-91 / %d93-126   (and UTF-8 under RFC 6531)
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e])*"')
+
+
+def address_ok(address: str) -> bool:
+    """Whether `address` can go between the brackets of MAIL FROM/RCPT TO as one path.
+
+    The queue keeps a quoted local part as written, quotes and backslashes included
+    (`"john >doe"@example.net`); such an address is sent as it is, and only outside
+    the quotes are "<", ">", spaces and controls refused. CR, LF and NUL are refused
+    everywhere, so no address can ever add a command line.
+    """
+    if _FORBIDDEN_IN_COMMAND.search(address):
+        return False
+    rest = address
+    if address.startswith('"'):
+        m = _QUOTED_LOCAL.match(address)
+        if m is None:
+            return False
+        rest = address[m.end() :]
+        if not rest.startswith("@"):
+            return False
+    return not any(c in "<> " or ord(c) < 32 or ord(c) == 127 for c in rest)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 section 4: xtext = *( xchar / hexchar ), where xchar is "!" to "~" except
+    "+" and "=", and hexchar = "+" 2HEXCHAR (upper case). The queue keeps ENVID and ORCPT
+    decoded, so they are encoded again on the way out."""
+    out = []
+    for byte in value.encode("utf-8", "surrogateescape"):
+        if 33 <= byte <= 126 and byte not in (0x2B, 0x3D):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def tls_context(policy: TlsPolicy, ca_file: Path | None = None) -> ssl.SSLContext | None:
+    """The client context for a destination's TLS policy (None for "none")."""
+    if policy == "none":
+        return None
+    if policy == "required-verified":
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    # Opportunistic and plain "required" encrypt against passive listeners only: most
+    # MX certificates do not verify (RFC 7435 opportunistic security).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _esmtp_param(keyword: str, value: str | None) -> str | None:
     """Render one ESMTP parameter, or None if it cannot be sent safely."""
     text = keyword if value is None else f"{keyword}={value}"
@@ -196,6 +261,10 @@ class SmtpConnection:
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.messages = 0
+        # "TLSv1.3 TLS_AES_256_GCM_SHA384" once STARTTLS succeeded, else "".
+        self.tls = ""
+        # Opportunistic TLS failed its handshake and this connection is the plain retry.
+        self.tls_fallback = False
         self._last_lines: list[str] = []
         # A transaction was opened (MAIL accepted) and not finished by a final reply.
         self._dirty = False
@@ -211,16 +280,111 @@ class SmtpConnection:
             and not self._reader.at_eof()
         )
 
-    async def connect(self, host: str, port: int, helo_name: str, timeouts: Timeouts) -> Reply:
-        """Open the TCP connection, read the greeting, say EHLO (HELO if EHLO gets 5xx).
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        helo_name: str,
+        timeouts: Timeouts,
+        *,
+        tls: TlsPolicy = "none",
+        context: ssl.SSLContext | None = None,
+        tls_name: str | None = None,
+    ) -> Reply:
+        """Open the TCP connection, read the greeting, say EHLO (HELO if EHLO gets 5xx),
+        and STARTTLS as the `tls` policy says (`tls_name`: the name the certificate must
+        carry under required-verified; default `host`).
 
         Raises SmtpConnectError for anything that makes this host unusable now: refused,
         timeout, a greeting other than 220, or a refusal of both EHLO and HELO (a 5xx to
-        the greeting commands says nothing about our mail, so it is not a bounce).
+        the greeting commands says nothing about our mail, so it is not a bounce), or TLS
+        missing or failing where the policy requires it.
         """
+        if tls != "none" and context is None:
+            context = tls_context(tls)
+        greeting = await self._open(host, port, helo_name, timeouts)
+        if tls == "none" or context is None:
+            return greeting
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        required = tls != "opportunistic"
+        if "STARTTLS" not in self.extensions:
+            if required:
+                await self.quit()
+                raise SmtpConnectError(
+                    f"{where} does not offer STARTTLS",
+                    local_reply(451, "4.7.5", f"TLS required but {where} does not offer STARTTLS"),
+                )
+            return greeting
+        try:
+            reply = await self._command("STARTTLS", timeouts.command)
+        except _SessionLost as exc:
+            self.close()
+            raise SmtpConnectError(f"{where}: {exc.reply.text}", exc.reply) from None
+        if reply.code != 220:
+            if required:
+                await self.quit()
+                raise SmtpConnectError(
+                    f"{where} refused STARTTLS: {reply}",
+                    local_reply(451, "4.7.5", f"TLS required but {where} refused STARTTLS"),
+                )
+            return greeting  # the session is still in plain text and usable
+        error = await self._handshake(context, tls_name or host, timeouts)
+        if error is None:
+            try:
+                reply = await self._command(f"EHLO {helo_name}", timeouts.command)
+            except _SessionLost as exc:
+                self.close()
+                raise SmtpConnectError(f"{where}: {exc.reply.text}", exc.reply) from None
+            if not reply.positive:
+                await self.quit()
+                raise SmtpConnectError(
+                    f"{where} refused EHLO after STARTTLS: {reply}", self._as_transient(reply)
+                )
+            self.extensions = self._parse_ehlo(reply)
+            return greeting
+        self.close()
+        if required:
+            raise SmtpConnectError(
+                f"TLS with {where} failed: {error}",
+                local_reply(451, "4.7.5", f"TLS handshake with {where} failed: {error}"),
+            )
+        # Opportunistic: the next hop takes mail in clear text, so do that (as Postfix).
+        greeting = await self._open(host, port, helo_name, timeouts)
+        self.tls_fallback = True
+        return greeting
+
+    async def _handshake(
+        self, context: ssl.SSLContext, name: str, timeouts: Timeouts
+    ) -> str | None:
+        """Upgrade the stream to TLS; the reason as text when that failed, else None."""
+        writer = self._writer
+        assert writer is not None
+        try:
+            async with asyncio.timeout(timeouts.command):
+                await writer.start_tls(context, server_hostname=name)
+        except TimeoutError:
+            return "handshake timed out"
+        except ssl.SSLCertVerificationError as exc:
+            return f"certificate not verified: {exc.verify_message or exc.reason}"
+        except (ssl.SSLError, OSError, ConnectionError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        transport = writer.transport
+        version = transport.get_extra_info("ssl_object")
+        if isinstance(version, ssl.SSLObject | ssl.SSLSocket):
+            cipher = version.cipher()
+            self.tls = " ".join(
+                p for p in (version.version() or "", cipher[0] if cipher else "") if p
+            )
+        else:
+            self.tls = "TLS"
+        return None
+
+    async def _open(self, host: str, port: int, helo_name: str, timeouts: Timeouts) -> Reply:
+        """TCP connect, greeting, EHLO or HELO: the plain-text part of `connect`."""
         if not helo_name or _FORBIDDEN_IN_COMMAND.search(helo_name) or " " in helo_name:
             raise ValueError(f"invalid HELO name {helo_name!r}")
         self.host, self.port, self._timeouts = host, port, timeouts
+        self.extensions, self.esmtp, self.tls = {}, False, ""
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             async with asyncio.timeout(timeouts.connect):
@@ -303,7 +467,7 @@ class SmtpConnection:
         """
         count = len(recipients)
         outcome: list[Reply | None] = [None] * count
-        if _FORBIDDEN_IN_COMMAND.search(sender) or any(c in sender for c in "<>"):
+        if not address_ok(sender):
             bad = local_reply(553, "5.1.7", "sender address contains forbidden characters")
             return DeliveryResult([bad] * count)
         needs_utf8 = not sender.isascii()
@@ -311,7 +475,7 @@ class SmtpConnection:
             bad = local_reply(553, "5.6.7", "next hop does not support SMTPUTF8 (sender)")
             return DeliveryResult([bad] * count)
         for i, rcpt in enumerate(recipients):
-            if _FORBIDDEN_IN_COMMAND.search(rcpt) or any(c in rcpt for c in "<>") or not rcpt:
+            if not rcpt or not address_ok(rcpt):
                 outcome[i] = local_reply(553, "5.1.3", "recipient address has forbidden characters")
             elif not rcpt.isascii():
                 if "SMTPUTF8" in self.extensions:
@@ -324,11 +488,21 @@ class SmtpConnection:
             # RFC 1870: the server told us its fixed maximum; trying cannot succeed.
             too_big = local_reply(552, "5.3.4", f"message size exceeds next hop limit {size_limit}")
             return DeliveryResult([o or too_big for o in outcome])
+        eight_bit = not body.isascii()
+        if eight_bit and "8BITMIME" not in self.extensions:
+            # RFC 6152 section 3: convert to 7 bit or return the message; Sluice returns it
+            # (docs/delivery.md: conversion would break DKIM body hashes).
+            no_8bit = local_reply(
+                554, "5.6.3", "message has 8-bit content and the next hop does not offer 8BITMIME"
+            )
+            return DeliveryResult([o or no_8bit for o in outcome])
         wanted = [i for i in range(count) if outcome[i] is None]
         if not wanted:
             return DeliveryResult([o for o in outcome if o is not None])
 
-        mail_cmd = f"MAIL FROM:<{sender}>" + self._mail_params(mail_params, len(body), needs_utf8)
+        mail_cmd = f"MAIL FROM:<{sender}>" + self._mail_params(
+            mail_params, len(body), needs_utf8, eight_bit
+        )
         rcpt_cmds = [
             f"RCPT TO:<{recipients[i]}>"
             + self._rcpt_params(rcpt_params[i] if rcpt_params is not None else ())
@@ -403,18 +577,31 @@ class SmtpConnection:
             return fallback
         return data
 
-    def _mail_params(self, params: Sequence[tuple[str, str | None]], size: int, utf8: bool) -> str:
+    def _mail_params(
+        self,
+        params: Sequence[tuple[str, str | None]],
+        size: int,
+        utf8: bool,
+        eight_bit: bool = False,
+    ) -> str:
         out: list[str] = []
         ext = self.extensions
         if "SIZE" in ext:
             out.append(f"SIZE={size}")
+        body_said = False
         for key, value in params:
             k = key.upper()
-            allowed = (
-                k == "BODY" and "8BITMIME" in ext and (value or "").upper() == "8BITMIME"
-            ) or (k in ("RET", "ENVID") and "DSN" in ext)
-            if allowed and (text := _esmtp_param(k, value)) is not None:
+            if k == "BODY" and "8BITMIME" in ext and (value or "").upper() == "8BITMIME":
+                body_said = True
+            elif k == "ENVID" and "DSN" in ext and value is not None:
+                value = xtext(value)
+            elif k != "RET" or "DSN" not in ext:
+                continue
+            if (text := _esmtp_param(k, value)) is not None:
                 out.append(text)
+        if eight_bit and not body_said:
+            # 8-bit content sent without BODY=8BITMIME by a sloppy client: declare it.
+            out.append("BODY=8BITMIME")
         if utf8:
             out.append("SMTPUTF8")
         return "".join(" " + p for p in out)
@@ -422,12 +609,17 @@ class SmtpConnection:
     def _rcpt_params(self, params: Sequence[tuple[str, str | None]]) -> str:
         if "DSN" not in self.extensions:
             return ""
-        out = [
-            text
-            for key, value in params
-            if key.upper() in ("NOTIFY", "ORCPT")
-            and (text := _esmtp_param(key.upper(), value)) is not None
-        ]
+        out = []
+        for key, value in params:
+            k = key.upper()
+            if k == "ORCPT" and value is not None and ";" in value:
+                # Stored decoded as "addr-type;address": encode the address again.
+                kind, _, address = value.partition(";")
+                value = f"{kind};{xtext(address)}"
+            elif k != "NOTIFY":
+                continue
+            if (text := _esmtp_param(k, value)) is not None:
+                out.append(text)
         return "".join(" " + p for p in out)
 
     # -- wire ------------------------------------------------------------------------------

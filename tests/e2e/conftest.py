@@ -19,8 +19,8 @@ from tests.e2e.harness import (
     Sluice,
     SluiceFactory,
     WireSink,
-    loopback_addresses,
-    pick_port,
+    free_port,
+    loopback_hosts,
     write_config,
 )
 
@@ -42,7 +42,7 @@ def sluice(tmp_path: Path) -> Iterator[SluiceFactory]:
     ) -> Sluice:
         workdir = tmp_path / f"sluice{len(servers)}"
         workdir.mkdir()
-        port = pick_port()
+        port = free_port()
         server = Sluice(
             workdir=workdir,
             config_path=workdir / "sluice.toml",
@@ -78,8 +78,8 @@ def wire_sink() -> Iterator[Callable[[], WireSink]]:
     started: list[WireSink] = []
 
     def start() -> WireSink:
-        host = loopback_addresses(1)[0]
-        sink = WireSink(host, pick_port(host))
+        host = loopback_hosts(1)[0]
+        sink = WireSink(host, free_port(host))
         started.append(sink)
         return sink
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import smtplib
 import socket
@@ -27,6 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from tests.netutil import free_port as free_port  # re-exported for the e2e tests
+from tests.netutil import loopback_hosts as loopback_hosts
+from tests.netutil import toml_value as toml_value
 
 ROOT = Path(__file__).resolve().parents[2]
 SLUICE = str(Path(sys.prefix) / "bin" / "sluice")
@@ -56,47 +59,6 @@ class NextHop(Protocol):
 def route_to(hop: NextHop) -> list[str]:
     """The `[routes]` value that sends a domain to `hop`."""
     return [f"{hop.host}:{hop.port}"]
-
-
-def pick_port(*hosts: str) -> int:
-    """A TCP port that can be bound on every one of `hosts` right now."""
-    hosts = hosts or ("127.0.0.1",)
-    for _ in range(500):
-        port = random.randint(20000, 60000)
-        try:
-            for host in hosts:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
-
-
-_handed_out: set[str] = set()
-
-
-def loopback_addresses(n: int) -> list[str]:
-    """n distinct random 127.a.b.c addresses (not 127.0.0.1), not handed out before."""
-    out: list[str] = []
-    while len(out) < n:
-        addr = f"127.{random.randint(2, 254)}.{random.randint(0, 255)}.{random.randint(2, 254)}"
-        if addr not in _handed_out:
-            _handed_out.add(addr)
-            out.append(addr)
-    return out
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for the ASCII we use
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def toml_table(header: str, table: Mapping[str, object]) -> str:

@@ -41,8 +41,8 @@ from tests.e2e.harness import (
     SluiceFactory,
     WireCapture,
     WireSink,
-    loopback_addresses,
-    pick_port,
+    free_port,
+    loopback_hosts,
     route_to,
     wait_until,
     write_config,
@@ -72,14 +72,14 @@ QUEUED = re.compile(r"2\.0\.0 Ok: queued as (\S+)\Z")
 
 @pytest.fixture(scope="module")
 def nexthop() -> Iterator[WireSink]:
-    host = loopback_addresses(1)[0]
-    sink = WireSink(host, pick_port(host))
+    host = loopback_hosts(1)[0]
+    sink = WireSink(host, free_port(host))
     yield sink
     sink.close()
 
 
 def _start_sluice(workdir: Path, nexthop: WireSink, listener: dict[str, object]) -> Sluice:
-    port = pick_port()
+    port = free_port()
     server = Sluice(
         workdir=workdir,
         config_path=workdir / "sluice.toml",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tests.e2e.harness import Sluice, SluiceFactory, loopback_addresses, pick_port
+from tests.e2e.harness import Sluice, SluiceFactory, free_port, loopback_hosts
 
 if TYPE_CHECKING:
     from tests.conftest import DnsFactory, Sink, SinkFactory
@@ -32,7 +32,7 @@ def start_mx_world(
 ) -> tuple[Sluice, dict[str, Sink]]:
     """dnsmasq with `mx`/`hosts`; sinks on the `listening` addresses, one common port."""
     addresses = sorted({record[1] for record in hosts})
-    port = pick_port(*addresses)
+    port = free_port(*addresses)
     sinks = {host: smtp_sink(host=host, port=port) for host in listening}
     dns = dns_server(mx=mx, hosts=hosts)
     server = sluice(
@@ -45,7 +45,7 @@ def start_mx_world(
 def test_lowest_preference_mx_gets_the_mail(
     sluice: SluiceFactory, smtp_sink: SinkFactory, dns_server: DnsFactory
 ) -> None:
-    primary, backup = loopback_addresses(2)
+    primary, backup = loopback_hosts(2)
     server, sinks = start_mx_world(
         sluice,
         smtp_sink,
@@ -66,7 +66,7 @@ def test_lowest_preference_mx_gets_the_mail(
 def test_next_mx_when_preferred_host_is_down(
     sluice: SluiceFactory, smtp_sink: SinkFactory, dns_server: DnsFactory
 ) -> None:
-    down, backup = loopback_addresses(2)
+    down, backup = loopback_hosts(2)
     server, sinks = start_mx_world(
         sluice,
         smtp_sink,
@@ -88,7 +88,7 @@ def test_next_mx_when_preferred_host_is_down(
 def test_a_record_fallback_without_mx(
     sluice: SluiceFactory, smtp_sink: SinkFactory, dns_server: DnsFactory
 ) -> None:
-    (address,) = loopback_addresses(1)
+    (address,) = loopback_hosts(1)
     server, sinks = start_mx_world(
         sluice,
         smtp_sink,
