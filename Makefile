@@ -11,7 +11,7 @@ CONFIG  ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv native run test lint rust-test py-test fmt bench-body-store \
-	fuzz fuzz-props isemail-doc clean
+	fuzz fuzz-props isemail-doc bench bench-quick clean
 
 setup: system-packages venv native
 
@@ -22,7 +22,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.5,<2" uvloop lmdb msgpack dnspython prometheus-client \
-		"flufl.bounce>=6" pytest ruff mypy
+		"flufl.bounce>=6" pytest ruff mypy aiosmtpd
 	touch $@
 
 venv: $(VENV)/.deps-stamp
@@ -54,6 +54,13 @@ fmt:
 	cargo fmt --all
 	$(VENV)/bin/ruff format appliance tests bench
 	$(VENV)/bin/ruff check --fix appliance tests bench
+
+# Side-by-side benchmark with Postfix, aiosmtpd and smtp-sink (bench/README.md; ~10 min).
+bench: setup
+	$(PY) bench/run.py
+
+bench-quick: setup
+	$(PY) bench/run.py --quick
 
 bench-body-store: setup
 	$(PY) bench/body_store.py

@@ -4,7 +4,7 @@
 #                configured "No configuration" and never started as the system MTA)
 #   swaks        a real SMTP client for tests and the README example
 #   dnsmasq-base a real DNS server the tests start on loopback (MX / A records)
-#   pkg-config, gcc: building the Rust extension's C dependencies
+#   gcc          building the Rust extension's C dependencies
 set -euo pipefail
 
 need=()
@@ -12,6 +12,8 @@ command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(pos
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
+# strace counts fsyncs per message in the benchmark (bench/); optional elsewhere.
+command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v cargo >/dev/null 2>&1 || { echo "cargo (Rust) is required and not found" >&2; exit 1; }
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -99,6 +99,11 @@ class _Waiter:
     future: asyncio.Future[SmtpConnection | None]
 
 
+# How soon to look at the queue again when mail is overdue but every due message seemed
+# to be in flight (seconds).
+DUE_RECHECK = 1.0
+
+
 class _Pool:
     """Outbound connections: a global limit, a limit per destination, reuse of idle
     connections per destination and host.
@@ -465,8 +470,11 @@ class DeliveryScheduler:
             if next_due is not None:
                 timeout = next_due - self._clock()
                 if timeout <= 0:
-                    # Everything due is already in flight: a finishing attempt wakes us.
-                    timeout = None
+                    # Something is due that _dispatch did not start: it became due after
+                    # _dispatch looked, or it is in flight (then a finishing attempt wakes
+                    # us). Never wait on a wake-up alone: one that never comes would
+                    # strand overdue mail until new mail arrives. Look again shortly.
+                    timeout = DUE_RECHECK if self._active else DUE_RECHECK / 20
         waiter = asyncio.ensure_future(self._wake.wait())
         waits: set[asyncio.Future[Any]] = {waiter}
         if timeout is not None:

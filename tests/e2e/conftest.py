@@ -38,6 +38,7 @@ def sluice(tmp_path: Path) -> Iterator[SluiceFactory]:
         delivery: Mapping[str, object] | None = None,
         dns: Mapping[str, object] | None = None,
         top: Mapping[str, object] | None = None,
+        destinations: Mapping[str, Mapping[str, object]] | None = None,
         start: bool = True,
     ) -> Sluice:
         workdir = tmp_path / f"sluice{len(servers)}"
@@ -61,6 +62,7 @@ def sluice(tmp_path: Path) -> Iterator[SluiceFactory]:
             delivery=delivery,
             dns=dns,
             top=top,
+            destinations=destinations,
         )
         servers.append(server)
         if start:

@@ -222,6 +222,7 @@ def write_config(
     delivery: Mapping[str, object] | None = None,
     dns: Mapping[str, object] | None = None,
     top: Mapping[str, object] | None = None,
+    destinations: Mapping[str, Mapping[str, object]] | None = None,
 ) -> None:
     head: dict[str, object] = {
         "hostname": HOSTNAME,
@@ -250,6 +251,8 @@ def write_config(
     if dns:
         parts.append(toml_table("[dns]", dns))
     parts.append(toml_table("[delivery]", dlv))
+    for domain, controls in (destinations or {}).items():
+        parts.append(toml_table(f"[destinations.{json.dumps(domain)}]", controls))
     path.write_text("\n".join(parts))
 
 

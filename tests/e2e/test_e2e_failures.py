@@ -8,10 +8,12 @@ import email.message
 import email.policy
 import json
 import re
+import smtplib
 import time
 from typing import TYPE_CHECKING
 
 from tests.e2e.harness import Sluice, SluiceFactory, route_to, wait_until
+from tests.netutil import free_port, loopback_hosts
 
 # What `smtp-sink -f RCPT` (hard) / `-r RCPT` (soft) answer to RCPT TO.
 SINK_HARD_REPLY = "5.3.0 Error: command failed"
@@ -258,3 +260,37 @@ def test_still_deferred_at_max_queue_time_bounces_as_expired(
     assert str(block["Status"]) == "4.4.7"  # RFC 3463: delivery time expired
     assert SINK_SOFT_REPLY in str(block["Diagnostic-Code"])  # the last reply we got
     wait_queue_empty(server)
+
+
+def test_deferred_mail_keeps_being_retried_without_new_mail(
+    sluice: SluiceFactory, smtp_sink: SinkFactory
+) -> None:
+    """Many messages deferred together are retried round after round on their own.
+
+    Regression: the scheduler used to wait for a wake-up alone when the earliest retry
+    fell due between its look at the queue and its wait, so after one retry round of a
+    larger batch nothing more happened until new mail arrived.
+    """
+    [down_host] = loopback_hosts(1)
+    server = sluice(
+        routes={"down.test": [f"{down_host}:{free_port(down_host)}"]},
+        delivery={"retry_initial": "1s", "retry_max": "1s"},
+        destinations={"*": {"pause_after": 1000}},
+    )
+    count = 60
+    with smtplib.SMTP(server.host, server.port, timeout=30) as client:
+        for n in range(count):
+            client.sendmail("a@src.test", [f"r{n}@down.test"], b"Subject: x\r\n\r\nbody\r\n")
+
+    # Every message should be tried at least four times within a few seconds; count the
+    # attempts per queue id from the event log.
+    def attempts_per_message() -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for event in server.events("deferred"):
+            seen[event["qid"]] = seen.get(event["qid"], 0) + 1
+        return seen
+
+    assert wait_until(
+        lambda: len(attempts_per_message()) == count and min(attempts_per_message().values()) >= 4,
+        timeout=40,
+    ), sorted(attempts_per_message().values())

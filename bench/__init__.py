@@ -1,0 +1,1 @@
+"""Benchmarks: `bench/run.py` (the side-by-side SMTP benchmark) and `bench/body_store.py`."""

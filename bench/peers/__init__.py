@@ -1,0 +1,1 @@
+"""Peer servers the benchmark compares Sluice with (started as subprocesses)."""
