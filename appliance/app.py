@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import IO
 
 import uvloop
 
@@ -59,11 +62,54 @@ def listener_spec(
     )
 
 
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what and where, for the operator."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Take the data directory for this process alone (two writers on one LMDB queue
+    would deliver every message twice). The lock lives as long as the returned file."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / "sluice.lock", "a+", encoding="ascii")
+    except OSError as exc:
+        raise StartupError(f"data directory {data_dir}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise StartupError(
+            f"data directory {data_dir} is in use by sluice pid {owner}; "
+            "only one sluice may run on a data directory"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 async def serve(config: Config) -> int:
+    try:
+        return await _serve(config)
+    except StartupError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
-    eventlog.configure(config.log_file)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = Queue(config.data_dir, durable=config.durable)
+    try:
+        eventlog.configure(config.log_file)
+    except OSError as exc:
+        raise StartupError(f"log_file {config.log_file}: {exc.strerror or exc}") from exc
+    lock = lock_data_dir(config.data_dir)
+    try:
+        queue = Queue(config.data_dir, durable=config.durable)
+    except Exception as exc:  # lmdb.Error is not an OSError
+        raise StartupError(f"queue in {config.data_dir}: {exc}") from exc
     router = Router(config)
     scheduler = DeliveryScheduler(queue, router, config)
     policy = Policy(config)
@@ -71,21 +117,28 @@ async def serve(config: Config) -> int:
     try:
         server = Server(specs)
     except OSError as exc:
-        print(f"sluice: {exc}", file=sys.stderr)
         await queue.close()
-        return 1
+        raise StartupError(str(exc)) from exc
+    if config.metrics_address:
+        from appliance import metrics
+
+        try:
+            metrics.start(config.metrics_address, queue, server)
+        except OSError as exc:
+            server.shutdown()
+            await queue.close()
+            raise StartupError(
+                f"metrics_address {config.metrics_address}: {exc.strerror or exc}"
+            ) from exc
     acceptor = MessageAcceptor(config, queue, scheduler.notify)
     inbound = Inbound(server, policy, acceptor, loop)
     inbound.start()
 
-    if config.metrics_address:
-        from appliance import metrics
-
-        metrics.start(config.metrics_address, queue, server)
-
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: reopen the event log (after logrotate moved it); nothing else changes.
+    loop.add_signal_handler(signal.SIGHUP, eventlog.reopen)
 
     delivery = loop.create_task(scheduler.run())
     for name, ip, port in server.bound_addresses():
@@ -112,6 +165,7 @@ async def serve(config: Config) -> int:
         await delivery
     await queue.close()
     log_event("shutdown", phase="done")
+    lock.close()
     return 0
 
 

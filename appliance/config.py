@@ -830,7 +830,7 @@ def _build(source: str, doc: Mapping[str, Any], base_dir: Path | None) -> Config
 
     hostname = r.get("hostname", _domain, "")
     if not hostname:
-        hostname = socket.getfqdn()
+        hostname = default_hostname()
 
     if "data_dir" in doc:
         data_dir = Path(r.get("data_dir", _string, ""))
@@ -901,6 +901,15 @@ def _build(source: str, doc: Mapping[str, Any], base_dir: Path | None) -> Config
 def default_config() -> Config:
     """The configuration used when no file is given."""
     return _build(DEFAULT_SOURCE, {}, None)
+
+
+def default_hostname() -> str:
+    """The machine's FQDN; getfqdn() falls back to "localhost" on hosts whose name does
+    not resolve, which would put a useless name in every banner and Received: header."""
+    fqdn = socket.getfqdn()
+    if fqdn and fqdn not in ("localhost", "localhost.localdomain") and "." in fqdn:
+        return fqdn
+    return socket.gethostname() or fqdn or "localhost"
 
 
 def load_config(path: str | None) -> Config:

@@ -20,12 +20,31 @@ from typing import IO, Any
 
 _lock = threading.Lock()
 _stream: IO[str] = sys.stderr
+_path: str | None = None
 
 
 def configure(path: str | None) -> None:
     """Send event lines to `path` (appended, line-buffered), or to stderr when None."""
-    global _stream
+    global _stream, _path
     _stream = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stderr
+    _path = path
+
+
+def reopen() -> None:
+    """Reopen the log file (SIGHUP after logrotate moved it). Keeps the old stream when
+    the new file cannot be opened, and says so in it."""
+    global _stream
+    if _path is None:
+        return
+    try:
+        fresh = open(_path, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        log_event("log_reopen_failed", path=_path, error=str(exc))
+        return
+    with _lock:
+        old, _stream = _stream, fresh
+    old.close()
+    log_event("log_reopened", path=_path)
 
 
 def _timestamp(now: float) -> str:

@@ -227,6 +227,8 @@ class Inbound:
                 log_event("policy_error", kind=request.kind, error=repr(exc))
                 result = Verdict(451, "4.3.0", "temporary local problem, try again later")
             if isinstance(result, Verdict):
+                if result.code >= 400 and request.kind != "data":
+                    _log_refusal(request, result)
                 self._ready.append((request.id, result.code, result.enhanced, result.text))
             else:
                 self._wait_for(request.id, result)
@@ -259,6 +261,21 @@ class Inbound:
         if self._ready:
             ready, self._ready = self._ready, []
             self._server.answer(ready)
+
+
+def _log_refusal(request: Request, verdict: Verdict) -> None:
+    """One `reject` line per refused connection, sender or recipient, so an operator can
+    see why a client was turned away (refused messages are logged where they are decided)."""
+    log_event(
+        "reject",
+        stage=request.kind,
+        session=request.session,
+        peer=request.peer_ip,
+        helo=request.helo,
+        sender=request.sender if request.kind == "rcpt" else request.address,
+        recipient=request.address if request.kind == "rcpt" else None,
+        reply=f"{verdict.code} {verdict.enhanced} {verdict.text}",
+    )
 
 
 async def _awaited(pending: Awaitable[Verdict]) -> Verdict:

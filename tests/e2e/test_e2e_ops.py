@@ -105,3 +105,63 @@ def test_sigterm_says_421_and_exits_cleanly(sluice: SluiceFactory, smtp_sink: Si
     server.start()
     assert server.events("startup")[-1]["queued"] == 1
     assert wait_until(lambda: len(server.events("deferred", qid=accepted["qid"])) >= 2)
+
+
+def test_second_instance_on_the_same_data_dir_is_refused(
+    sluice: SluiceFactory, tmp_path: Path
+) -> None:
+    first = sluice()
+    second_config = tmp_path / "second.toml"
+    # Same data directory and log, another port: it must not start a second writer.
+    second_config.write_text(
+        first.config_path.read_text().replace(f':{first.port}"', f':{first.port + 1}"')
+    )
+    result = run_cli("run", "--config", str(second_config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "in use by sluice pid" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    # The first one is unharmed.
+    with RawSmtp(first.host, first.port) as client:
+        assert client.reply()[0] == 220
+
+
+def test_unwritable_log_file_is_a_one_line_error(sluice: SluiceFactory, tmp_path: Path) -> None:
+    server = sluice(start=False)
+    bad = tmp_path / "bad-log.toml"
+    bad.write_text(
+        server.config_path.read_text().replace(
+            str(server.log_path), str(tmp_path / "no" / "such" / "dir" / "events.jsonl")
+        )
+    )
+    result = run_cli("run", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("sluice: log_file "), result.stderr
+    assert "No such file or directory" in result.stderr
+
+
+def test_sighup_reopens_the_event_log(sluice: SluiceFactory, tmp_path: Path) -> None:
+    server = sluice()
+    assert server.proc is not None
+    rotated = server.log_path.with_suffix(".1")
+    server.log_path.rename(rotated)
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: server.log_path.exists(), timeout=10)
+    assert server.proc.poll() is None, "SIGHUP must not stop the gateway"
+    with RawSmtp(server.host, server.port) as client:
+        assert client.reply()[0] == 220
+    assert wait_until(lambda: '"event":"connect"' in server.log_path.read_text(), timeout=10)
+    assert '"event":"connect"' not in rotated.read_text()
+
+
+def test_refused_recipient_is_logged_with_the_reason(sluice: SluiceFactory) -> None:
+    server = sluice(listener={"relay_networks": ["192.0.2.0/24"]})
+    with RawSmtp(server.host, server.port) as client:
+        client.reply()
+        client.command(b"EHLO client.test")
+        client.command(b"MAIL FROM:<a@src.test>")
+        assert client.command(b"RCPT TO:<b@elsewhere.test>") == (550, "5.7.1 relaying denied")
+    [event] = server.wait_event("reject", stage="rcpt")
+    assert event["recipient"] == "b@elsewhere.test"
+    assert event["sender"] == "a@src.test"
+    assert event["reply"].startswith("550 5.7.1")
