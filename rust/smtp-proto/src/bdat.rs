@@ -18,30 +18,23 @@
 //! limit (or after a bare line end under Reject) nothing more is stored, but every octet
 //! is still counted and consumed so the command stream stays in sync.
 
-use crate::data::DataOutcome;
+use crate::data::{BodySink, DataOutcome};
 use crate::stuffing::find_cr_or_lf;
 
 /// Collects the chunks of one BDAT message.
 #[derive(Debug)]
 pub struct BdatBody {
-    max_size: u64,
-    normalise: bool,
     /// The last octet seen was a CR whose fate (CRLF or bare CR) depends on the next one.
     pending_cr: bool,
-    /// Stop storing: the body will be refused anyway.
-    discarding: bool,
-    out: DataOutcome,
+    sink: BodySink,
 }
 
 impl BdatBody {
     /// `max_size`: body octets allowed. `normalise`: store bare LF / bare CR as CRLF.
     pub fn new(max_size: u64, normalise: bool) -> Self {
         BdatBody {
-            max_size,
-            normalise,
             pending_cr: false,
-            discarding: false,
-            out: DataOutcome::default(),
+            sink: BodySink::new(max_size, normalise),
         }
     }
 
@@ -77,57 +70,28 @@ impl BdatBody {
 
     /// Body octets seen so far (saturating; a normalised line end counts as two).
     pub fn size(&self) -> u64 {
-        self.out.size
+        self.sink.size()
     }
 
     /// The body after BDAT LAST. A CR at the very end is a bare CR.
     pub fn finish(mut self) -> DataOutcome {
         if self.pending_cr {
             self.pending_cr = false;
-            self.bare_cr();
+            self.sink.bare_cr();
         }
-        self.out
-    }
-
-    fn bare_lf(&mut self) {
-        self.out.bare_lf = true;
-        self.bare_line_end();
-    }
-
-    fn bare_cr(&mut self) {
-        self.out.bare_cr = true;
-        self.bare_line_end();
-    }
-
-    fn bare_line_end(&mut self) {
-        if self.normalise {
-            self.emit(b"\r\n");
-        } else {
-            self.out.size = self.out.size.saturating_add(1);
-            self.drop_body();
-        }
+        self.sink.finish()
     }
 
     fn emit(&mut self, bytes: &[u8]) {
-        self.out.size = self.out.size.saturating_add(bytes.len() as u64);
-        if self.discarding {
-            return;
-        }
-        if self.out.size > self.max_size {
-            self.drop_body();
-            return;
-        }
-        self.out.body.extend_from_slice(bytes);
+        self.sink.emit(bytes);
     }
 
-    fn drop_body(&mut self) {
-        if self.out.size > self.max_size {
-            self.out.too_big = true;
-        }
-        if !self.discarding {
-            self.discarding = true;
-            self.out.body = Vec::new();
-        }
+    fn bare_lf(&mut self) {
+        self.sink.bare_lf();
+    }
+
+    fn bare_cr(&mut self) {
+        self.sink.bare_cr();
     }
 }
 

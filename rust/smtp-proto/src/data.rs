@@ -52,6 +52,14 @@ pub struct DataOutcome {
 #[derive(Debug)]
 pub struct DataDecoder {
     state: State,
+    sink: BodySink,
+}
+
+/// Where decoded body octets go, for DATA and BDAT alike: counts every octet, stores them
+/// while the body can still be accepted, and records bare line ends. Memory is bounded by
+/// `max_size`: past it, or at a bare line end under the reject policy, storing stops.
+#[derive(Debug)]
+pub(crate) struct BodySink {
     max_size: u64,
     normalise: bool,
     /// Stop storing (the body will be refused anyway): too big, or a bare line end under
@@ -60,16 +68,78 @@ pub struct DataDecoder {
     out: DataOutcome,
 }
 
+impl BodySink {
+    /// `max_size`: body octets allowed. `normalise`: store bare LF / bare CR as CRLF
+    /// (otherwise they are only recorded and the body is dropped).
+    pub(crate) fn new(max_size: u64, normalise: bool) -> Self {
+        BodySink {
+            max_size,
+            normalise,
+            discarding: false,
+            out: DataOutcome::default(),
+        }
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.out.size
+    }
+
+    pub(crate) fn finish(self) -> DataOutcome {
+        self.out
+    }
+
+    /// A LF not preceded by CR.
+    pub(crate) fn bare_lf(&mut self) {
+        self.out.bare_lf = true;
+        self.bare_line_end();
+    }
+
+    /// A CR not followed by LF.
+    pub(crate) fn bare_cr(&mut self) {
+        self.out.bare_cr = true;
+        self.bare_line_end();
+    }
+
+    fn bare_line_end(&mut self) {
+        if self.normalise {
+            self.emit(b"\r\n");
+        } else {
+            // The message will be refused: keep counting for the size check, stop storing.
+            self.out.size = self.out.size.saturating_add(1);
+            self.drop_body();
+        }
+    }
+
+    pub(crate) fn emit(&mut self, bytes: &[u8]) {
+        self.out.size = self.out.size.saturating_add(bytes.len() as u64);
+        if self.discarding {
+            return;
+        }
+        if self.out.size > self.max_size {
+            self.drop_body();
+            return;
+        }
+        self.out.body.extend_from_slice(bytes);
+    }
+
+    fn drop_body(&mut self) {
+        if self.out.size > self.max_size {
+            self.out.too_big = true;
+        }
+        if !self.discarding {
+            self.discarding = true;
+            self.out.body = Vec::new();
+        }
+    }
+}
+
 impl DataDecoder {
     /// `max_size`: unstuffed body octets allowed. `normalise`: store bare LF / bare CR as
     /// CRLF (otherwise they are only recorded and the body is dropped).
     pub fn new(max_size: u64, normalise: bool) -> Self {
         DataDecoder {
             state: State::LineStart,
-            max_size,
-            normalise,
-            discarding: false,
-            out: DataOutcome::default(),
+            sink: BodySink::new(max_size, normalise),
         }
     }
 
@@ -151,7 +221,11 @@ impl DataDecoder {
                             self.emit(b"\r\n");
                             self.state = State::LineStart;
                         }
-                        b'\r' => self.bare_cr(), // stays in Cr for the second CR
+                        b'\r' => {
+                            // The first CR was bare; the second may still start a CRLF.
+                            self.bare_cr();
+                            self.state = State::Cr;
+                        }
                         _ => {
                             self.bare_cr();
                             self.emit(&[b]);
@@ -166,59 +240,29 @@ impl DataDecoder {
 
     /// The result; call after `feed` returned `Some`.
     pub fn finish(self) -> DataOutcome {
-        self.out
+        self.sink.finish()
     }
 
     /// Unstuffed octets seen so far.
     pub fn size(&self) -> u64 {
-        self.out.size
+        self.sink.size()
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        self.sink.emit(bytes);
     }
 
     /// A bare LF: stored as CRLF (Normalise) or recorded. It does not start a new line,
     /// so "\n.\r\n" can never end the body. The state after it is `Middle`.
     fn bare_lf(&mut self) {
-        self.out.bare_lf = true;
-        self.bare_line_end();
+        self.sink.bare_lf();
+        self.state = State::Middle;
     }
 
     /// A bare CR (one not followed by LF); same rules as a bare LF.
     fn bare_cr(&mut self) {
-        self.out.bare_cr = true;
-        self.bare_line_end();
-    }
-
-    fn bare_line_end(&mut self) {
-        if self.normalise {
-            self.emit(b"\r\n");
-        } else {
-            // The message will be refused: keep counting for the size check, stop storing.
-            self.out.size = self.out.size.saturating_add(1);
-            self.drop_body();
-        }
+        self.sink.bare_cr();
         self.state = State::Middle;
-    }
-
-    fn emit(&mut self, bytes: &[u8]) {
-        self.out.size = self.out.size.saturating_add(bytes.len() as u64);
-        if self.discarding {
-            return;
-        }
-        if self.out.size > self.max_size {
-            self.out.too_big = true;
-            self.drop_body();
-            return;
-        }
-        self.out.body.extend_from_slice(bytes);
-    }
-
-    fn drop_body(&mut self) {
-        if self.out.size > self.max_size {
-            self.out.too_big = true;
-        }
-        if !self.discarding {
-            self.discarding = true;
-            self.out.body = Vec::new();
-        }
     }
 }
 
@@ -301,6 +345,16 @@ mod tests {
         assert!(o.bare_cr);
         let (o, _) = decode(b".\rx\r\n.\r\n", 1000, false);
         assert!(o.bare_cr);
+    }
+
+    #[test]
+    fn bare_cr_then_crlf_is_one_bare_cr_and_a_line_end() {
+        // "\r\r\n": the first CR is bare, the second starts a real CRLF, so the "." line
+        // after it ends the message.
+        let (out, end) = decode(b"a\r\r\n.\r\n", 100, true);
+        assert_eq!(end, Some(7));
+        assert_eq!(out.body, b"a\r\n\r\n");
+        assert!(out.bare_cr && !out.bare_lf);
     }
 
     #[test]
