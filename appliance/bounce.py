@@ -131,11 +131,6 @@ def _address_field(address: str) -> str:
     return f"utf-8; {_ascii(address)}"
 
 
-def _xtext_decode(value: str) -> str:
-    """RFC 3461 4: xtext, "+" followed by two upper-case hex digits encodes one octet."""
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
-
-
 def _param(params: Sequence[tuple[str, str | None]], name: str) -> str | None:
     for key, value in params:
         if key.upper() == name:
@@ -306,9 +301,12 @@ def build_dsn(
 
     # Part 2: RFC 3464 2.2 per-message fields, then 2.3 per-recipient fields.
     status = [f"Reporting-MTA: dns; {_ascii(reporting_mta)}"]
+    # ENVID and ORCPT are stored xtext-decoded by the listener (rust/smtp-proto params.rs)
+    # and go into the report as they are: decoding again would turn a literal "+2B" of
+    # the original address into "+" (RFC 3464 2.2.1, 2.3.1 want the decoded value).
     envid = _param(record.mail_params, "ENVID")
     if envid:
-        status.append(f"Original-Envelope-Id: {_ascii(_xtext_decode(envid))}")
+        status.append(f"Original-Envelope-Id: {_ascii(envid)}")
     status.append(f"X-Sluice-Queue-ID: {record.qid}")
     status.append(f"Arrival-Date: {email.utils.formatdate(record.arrived, usegmt=True)}")
     for rcpt, rep in zip(failed, reports, strict=True):
@@ -316,7 +314,7 @@ def build_dsn(
         orcpt = _param(rcpt.params, "ORCPT")
         if orcpt and ";" in orcpt:
             kind, _, value = orcpt.partition(";")
-            status.append(f"Original-Recipient: {_ascii(kind)};{_ascii(_xtext_decode(value))}")
+            status.append(f"Original-Recipient: {_ascii(kind)};{_ascii(value)}")
         status.append(f"Final-Recipient: {_address_field(rcpt.address)}")
         status.append(f"Action: {action}")
         status.append(f"Status: {_status(action, rep)}")

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTSUPER = shutil.which("postsuper") or "/usr/sbin/postsuper"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
+POSTCAT = shutil.which("postcat") or "/usr/sbin/postcat"
 
 START_TIMEOUT = 60.0
 
@@ -252,6 +254,7 @@ _MASTER_SERVICES = [
     ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
     ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
     ("proxymap", "unix", "-", "-", "n", "-", "-", "proxymap"),
+    ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),  # for smtpd STARTTLS
     ("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
     ("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
     ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
@@ -270,10 +273,20 @@ class PostfixServer(Server):
     key = "postfix"
     label = "Postfix"
 
-    def __init__(self, host: str, workdir: Path, relay_to: str, hold: bool = False) -> None:
+    def __init__(
+        self,
+        host: str,
+        workdir: Path,
+        relay_to: str,
+        hold: bool = False,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(host, workdir)
         self.relay_to = relay_to
         self.hold = hold
+        # Further main.cf parameters, over the defaults below (the interoperation tests
+        # add STARTTLS, DSN holds and a host name of their own).
+        self.settings = dict(settings or {})
         self.config_dir = workdir / "etc"
         # Postfix's sockets live under the queue directory and a Unix socket path has at
         # most 107 octets: a deep work directory gets its queue in a short one instead.
@@ -327,6 +340,7 @@ class PostfixServer(Server):
         if self.hold:
             # Every accepted message goes to the hold queue; `release()` lets it go.
             main["smtpd_recipient_restrictions"] = "check_client_access static:HOLD"
+        main.update(self.settings)
         text = "".join(f"{k} = {v}\n" for k, v in main.items())
         (self.config_dir / "main.cf").write_text(text)
         rows = [(f"{self.host}:{self.port}", "inet", "n", "-", "n", "-", "-", "smtpd")]
@@ -399,6 +413,29 @@ class PostfixServer(Server):
 
     def held(self) -> int:
         return sum(len(f) for _d, _s, f in os.walk(self.queue_dir / "hold"))
+
+    def queue_ids(self, name: str = "hold") -> list[str]:
+        """The queue ids of the files in one queue ("hold", "deferred", ...)."""
+        return sorted(f for _d, _s, files in os.walk(self.queue_dir / name) for f in files)
+
+    def postcat(self, qid: str, *options: str) -> str:
+        """`postcat -c DIR [options] -q QID`: a queue file, envelope records included."""
+        res = subprocess.run(
+            [POSTCAT, "-c", str(self.config_dir), *options, "-q", qid],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise ServerError(f"postcat -q {qid} failed ({res.returncode}): {res.stderr.strip()}")
+        return res.stdout
+
+    def maillog(self) -> str:
+        """Postfix's own log (maillog_file, written by postlogd; no syslog needed)."""
+        with contextlib.suppress(OSError):
+            return (self.workdir / "maillog").read_text(errors="replace")
+        return ""
 
     def release(self) -> None:
         """Release the hold queue and ask the queue manager to deliver now."""

@@ -151,6 +151,43 @@ def _parse_sink_message(chunk: bytes) -> SinkMessage:
 SinkFactory = Callable[..., Sink]
 
 
+def start_sink(
+    directory: Path,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    hard: Sequence[str] = (),
+    soft: Sequence[str] = (),
+    disconnect: Sequence[str] = (),
+    close421: Sequence[str] = (),
+    extra: Sequence[str] = (),
+) -> Sink:
+    """Start smtp-sink dumping into `directory` (see the `smtp_sink` fixture); the caller
+    stops it with `stop_sink`. For fixtures wider than one test."""
+    host = host or loopback_hosts(1)[0]
+    port = port or free_port(host)
+    dump = directory / f"sink-{host}-{port}.dump"
+    args = [SMTP_SINK, "-S", _SINK_MARK.decode().replace("\n", "\\n"), "-D", str(dump)]
+    if os.geteuid() == 0:
+        args += ["-u", "root"]  # smtp-sink refuses to run as root without -u
+    for flag, commands in (("-f", hard), ("-r", soft), ("-q", disconnect), ("-Q", close421)):
+        if commands:
+            args += [flag, ",".join(commands)]
+    args += [*extra, f"{host}:{port}", "64"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sink = Sink(host, port, dump, proc, args)
+    try:
+        _wait_tcp(host, port, proc, "smtp-sink")
+    except BaseException:
+        _stop(proc)
+        raise
+    return sink
+
+
+def stop_sink(sink: Sink) -> None:
+    _stop(sink.proc)
+
+
 @pytest.fixture
 def smtp_sink(tmp_path: Path) -> Iterator[SinkFactory]:
     """Factory: `smtp_sink(host=None, port=None, hard=(), soft=(), disconnect=(),
@@ -171,25 +208,22 @@ def smtp_sink(tmp_path: Path) -> Iterator[SinkFactory]:
         close421: Sequence[str] = (),
         extra: Sequence[str] = (),
     ) -> Sink:
-        host = host or loopback_hosts(1)[0]
-        port = port or free_port(host)
-        dump = tmp_path / f"sink-{host}-{port}.dump"
-        args = [SMTP_SINK, "-S", _SINK_MARK.decode().replace("\n", "\\n"), "-D", str(dump)]
-        if os.geteuid() == 0:
-            args += ["-u", "root"]  # smtp-sink refuses to run as root without -u
-        for flag, commands in (("-f", hard), ("-r", soft), ("-q", disconnect), ("-Q", close421)):
-            if commands:
-                args += [flag, ",".join(commands)]
-        args += [*extra, f"{host}:{port}", "64"]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        sink = Sink(host, port, dump, proc, args)
+        sink = start_sink(
+            tmp_path,
+            host,
+            port,
+            hard=hard,
+            soft=soft,
+            disconnect=disconnect,
+            close421=close421,
+            extra=extra,
+        )
         started.append(sink)
-        _wait_tcp(host, port, proc, "smtp-sink")
         return sink
 
     yield start
     for sink in started:
-        _stop(sink.proc)
+        stop_sink(sink)
 
 
 # -- dnsmasq ------------------------------------------------------------------------------------

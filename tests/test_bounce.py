@@ -30,7 +30,8 @@ def record(mail_params: list[tuple[str, str | None]] | None = None) -> MessageRe
         recipients=[
             RecipientRecord(
                 "bob@example.net",
-                [("ORCPT", "rfc822;Bob+2Bx@example.net")],
+                # As the listener stores it: xtext decoded ("Bob+2Bx" on the wire).
+                [("ORCPT", "rfc822;Bob+x@example.net")],
                 state="bounced",
                 attempts=1,
                 last_reply=format_reply("mx.example.net[127.0.0.2]", 550, "5.1.1", "user unknown"),
@@ -112,7 +113,7 @@ def test_bounce_structure_and_fields() -> None:
 
 
 def test_ret_full_returns_the_whole_message_and_envid() -> None:
-    rec = record([("RET", "FULL"), ("ENVID", "abc+2B1")])
+    rec = record([("RET", "FULL"), ("ENVID", "abc+1")])
     msg = parse_message(build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW))
     _, status, returned = mime_parts(msg)
     assert mime_parts(status)[0]["Original-Envelope-Id"] == "abc+1"
@@ -120,6 +121,18 @@ def test_ret_full_returns_the_whole_message_and_envid() -> None:
     (inner,) = mime_parts(returned)
     assert inner["Subject"] == "hello"
     assert decoded_text(inner) == "the body\r\n.leading dot\r\n"
+
+
+def test_orcpt_and_envid_are_not_decoded_twice() -> None:
+    # A client sent ENVID=id+2B2B7 and ORCPT=rfc822;a+2B2Bb@example.net: the listener
+    # stores them decoded, so the literal "+2B" must reach the report unchanged.
+    rec = record([("ENVID", "id+2B7")])
+    rec.recipients[0].params = [("ORCPT", "rfc822;a+2Bb@example.net")]
+    msg = parse_message(build_bounce(rec, rec.recipients[:1], ORIGINAL, "mta.test", NOW))
+    per_message, bob = mime_parts(mime_parts(msg)[1])
+    assert per_message["Original-Envelope-Id"] == "id+2B7"
+    assert bob["Original-Recipient"] == "rfc822;a+2Bb@example.net"
+    assert bob["Final-Recipient"] == "rfc822; bob@example.net"
 
 
 def test_non_ascii_content_stays_7bit() -> None:

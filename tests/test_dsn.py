@@ -230,3 +230,32 @@ async def test_no_delay_warning_without_delay_warning_or_for_null_sender(
             assert current is not None
             clock.now = current.next_attempt
         assert reports(queue) == []
+
+
+async def test_orcpt_and_envid_are_xtext_encoded_once_on_the_way_out(tmp_path: Path) -> None:
+    # The queue keeps ORCPT and ENVID decoded, as the listener stores them. "a+b" goes
+    # out as "a+2Bb"; an address with a literal "+2B" (sent to us as "+2B2B") goes out
+    # as "+2B2B" again, so the next hop decodes exactly what the sender wrote.
+    rec = await start_recorder(extensions=("PIPELINING", "8BITMIME", "DSN"))
+    config = make_config(tmp_path, {"x": hop(rec.host, rec.port)})
+    try:
+        async with scheduler(tmp_path, config) as (sched, queue):
+            await submit(
+                queue,
+                [
+                    ("one@x", [("NOTIFY", "SUCCESS"), ("ORCPT", "rfc822;a+b@x")]),
+                    ("two@x", [("NOTIFY", "FAILURE"), ("ORCPT", "rfc822;a+2Bb@x")]),
+                ],
+                time.time(),
+                [("ENVID", "q+2B1 2")],
+            )
+            await sched.run_once()
+            assert queue.count() == 0
+    finally:
+        await rec.stop()
+    (t,) = rec.transactions
+    assert t.mail == "MAIL FROM:<alice@example.org> ENVID=q+2B2B1+202"
+    assert t.rcpts == [
+        "RCPT TO:<one@x> NOTIFY=SUCCESS ORCPT=rfc822;a+2Bb@x",
+        "RCPT TO:<two@x> NOTIFY=FAILURE ORCPT=rfc822;a+2B2Bb@x",
+    ]
