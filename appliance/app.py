@@ -1,16 +1,16 @@
 """`sluice run`: wires the listener, policy, queue and delivery together on uvloop.
 
 Start-up order follows the path of a message backwards, so nothing is accepted before
-it can be kept and sent: queue, delivery scheduler, policy, then the listeners. Shutdown
-(SIGTERM or SIGINT) runs forwards: stop accepting connections, let messages already in
-their group commit finish (their clients get the 250), answer everyone else 421 4.3.2,
-stop delivery, close the queue.
+it can be kept and sent: queue, policy, the delivery process (the scheduler runs in a
+child process on the same queue, appliance/delivery/worker.py), then the listeners.
+Shutdown (SIGTERM or SIGINT) runs forwards: stop accepting connections, let messages
+already in their group commit finish (their clients get the 250), answer everyone else
+421 4.3.2, stop delivery (SIGTERM to the child, whose exit is awaited), close the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import signal
@@ -23,8 +23,7 @@ import uvloop
 from appliance import eventlog
 from appliance._native import ListenerSpec, Server
 from appliance.config import Config, ListenerConfig
-from appliance.delivery.routing import Router
-from appliance.delivery.scheduler import DeliveryScheduler
+from appliance.delivery.worker import DeliveryProcess
 from appliance.eventlog import log_event
 from appliance.inbound import Inbound, MessageAcceptor
 from appliance.policy import Policy
@@ -110,8 +109,6 @@ async def _serve(config: Config) -> int:
         queue = Queue(config.data_dir, durable=config.durable)
     except Exception as exc:  # lmdb.Error is not an OSError
         raise StartupError(f"queue in {config.data_dir}: {exc}") from exc
-    router = Router(config)
-    scheduler = DeliveryScheduler(queue, router, config)
     policy = Policy(config)
     specs = [listener_spec(lc, config.hostname, config.data_dir / "tls") for lc in config.listeners]
     try:
@@ -130,17 +127,30 @@ async def _serve(config: Config) -> int:
             raise StartupError(
                 f"metrics_address {config.metrics_address}: {exc.strerror or exc}"
             ) from exc
-    acceptor = MessageAcceptor(config, queue, scheduler.notify)
+    # Delivery runs in its own process on the same queue (appliance/delivery/worker.py),
+    # so sending mail out does not compete with accepting it for this process's GIL.
+    delivery = DeliveryProcess(config)
+    try:
+        await delivery.start()
+    except OSError as exc:
+        server.shutdown()
+        await queue.close()
+        raise StartupError(f"cannot start the delivery process: {exc}") from exc
+    acceptor = MessageAcceptor(config, queue, delivery.notify)
     inbound = Inbound(server, policy, acceptor, loop)
     inbound.start()
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # SIGHUP: reopen the event log (after logrotate moved it); nothing else changes.
-    loop.add_signal_handler(signal.SIGHUP, eventlog.reopen)
 
-    delivery = loop.create_task(scheduler.run())
+    # SIGHUP: reopen the event log (after logrotate moved it); nothing else changes.
+    def reopen() -> None:
+        eventlog.reopen()
+        delivery.reopen_log()
+
+    loop.add_signal_handler(signal.SIGHUP, reopen)
+
     for name, ip, port in server.bound_addresses():
         log_event(
             "startup",
@@ -160,9 +170,7 @@ async def _serve(config: Config) -> int:
     inbound.stop()
     # Blocks (GIL released) until every session has said 421 and closed.
     await loop.run_in_executor(None, server.shutdown)
-    scheduler.stop()
-    with contextlib.suppress(asyncio.CancelledError):
-        await delivery
+    await delivery.stop()
     await queue.close()
     log_event("shutdown", phase="done")
     lock.close()

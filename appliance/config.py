@@ -259,6 +259,9 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.ASCII)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MAX_DURATION = 3650 * 86400.0
+
+
 def parse_duration(value: object) -> float:
     """A duration: seconds as a number, or a string such as "30s", "5m", "2h", "5d"."""
     expected = 'expected a duration (seconds, or a string like "30s", "5m", "2h", "5d")'
@@ -270,9 +273,11 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise _Invalid(expected)
-    # A zero timeout would make every wait fail at once; infinity would never fire.
-    if not 0 < seconds < float("inf"):
-        raise _Invalid(expected + " greater than zero")
+    # A zero timeout would make every wait fail at once; infinity would never fire. Ten
+    # years is past any sane queue time or timeout, and keeps dates computed from a
+    # duration (Will-Retry-Until in a DSN) inside what datetime can represent.
+    if not 0 < seconds <= MAX_DURATION:
+        raise _Invalid(expected + " greater than zero and at most 3650d")
     return seconds
 
 

@@ -47,16 +47,29 @@ def reopen() -> None:
     log_event("log_reopened", path=_path)
 
 
+# The "YYYY-MM-DDTHH:MM:SS" part changes once a second: computed once per second, not
+# per line (strftime and gmtime were a visible share of the hot path).
+_second = -1
+_second_prefix = ""
+# One encoder for every line (json.dumps with options builds a new encoder per call).
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
 def _timestamp(now: float) -> str:
+    global _second, _second_prefix
     secs = int(now)
+    if secs != _second:
+        _second_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        _second = secs
     millis = int((now - secs) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{millis:03d}Z"
+    return f"{_second_prefix}.{millis:03d}Z"
 
 
 def log_event(event: str, **fields: Any) -> None:
     """Write one event line. Field values must be JSON-serialisable (str, int, list, ...)."""
-    record = {"ts": _timestamp(time.time()), "event": event, **fields}
-    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    # `ts` and `event` are plain ASCII we made: no escaping needed for them.
+    head = f'{{"ts":"{_timestamp(time.time())}","event":{_encode(event)}'
+    line = f"{head},{_encode(fields)[1:]}\n" if fields else head + "}\n"
     with _lock:
-        _stream.write(line + "\n")
+        _stream.write(line)
         _stream.flush()

@@ -41,7 +41,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -249,6 +249,19 @@ def decode_record(data: bytes) -> MessageRecord:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise CorruptRecord(f"{type(exc).__name__}: {exc}") from None
+
+
+def _next_attempt_of(raw: bytes) -> float | None:
+    """The `next_attempt` of a stored envelope without building the whole record (the
+    writer needs only that to find the schedule entry to move); None if undecodable."""
+    try:
+        doc = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape")
+        value = doc["next_attempt"]
+    except Exception:  # msgpack raises several unrelated types; not a map; no key
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _qid_key(qid: str) -> bytes:
@@ -505,12 +518,11 @@ class Queue:
         raw = txn.get(qid, db=self._messages)
         if raw is None:
             return
-        try:
-            old = decode_record(bytes(raw))
-        except CorruptRecord:
+        next_attempt = _next_attempt_of(bytes(raw))
+        if next_attempt is None:
             self._scan_unindex(txn, qid)
             return
-        txn.delete(_schedule_key(_ms(old.next_attempt), qid), db=self._schedule)
+        txn.delete(_schedule_key(_ms(next_attempt), qid), db=self._schedule)
 
     def _scan_unindex(self, txn: lmdb.Transaction, qid: bytes) -> None:
         # The old time is unknown: only reached for corrupt records, so a scan is fine.
@@ -543,15 +555,22 @@ class Queue:
 
     # -- reads (any thread; each in its own read transaction) ----------------------------
 
-    def due(self, now: float, limit: int) -> list[MessageRecord]:
-        """Messages whose next attempt is at or before `now`, oldest first, at most `limit`."""
+    def due(self, now: float, limit: int, exclude: Container[str] = ()) -> list[MessageRecord]:
+        """Messages whose next attempt is at or before `now`, oldest first, at most `limit`.
+
+        Queue ids in `exclude` (attempts already in flight) are passed over by their
+        schedule key alone, before their envelope is read or decoded, and do not count
+        towards `limit`.
+        """
         now_ms = _ms(now)
         out: list[MessageRecord] = []
         with self._env.begin() as txn:
-            for key, _ in txn.cursor(db=self._schedule):
+            for key in txn.cursor(db=self._schedule).iternext(keys=True, values=False):
                 if len(out) >= limit or int.from_bytes(key[:8], "big") > now_ms:
                     break
                 qid = bytes(key[8:])
+                if exclude and qid.decode("ascii", "replace") in exclude:
+                    continue
                 raw = txn.get(qid, db=self._messages)
                 record = None if raw is None else self._decode(qid, bytes(raw))
                 if record is None:

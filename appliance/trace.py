@@ -40,6 +40,18 @@ def _clean(text: str) -> str:
     return "".join(c if 0x21 <= ord(c) < 0x7F and c not in "();" else "?" for c in text)[:255]
 
 
+# RFC 5322 dates have whole seconds: format each second once, not once per message.
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float) -> str:
+    global _last_date
+    secs = int(now)
+    if _last_date[0] != secs:
+        _last_date = (secs, formatdate(secs, localtime=True))
+    return _last_date[1]
+
+
 def received_header(
     *,
     helo: str | None,
@@ -67,5 +79,5 @@ def received_header(
         lines.append(f"\tfor <{recipients[0]}>;")
     else:
         lines[-1] += ";"
-    lines.append(f"\t{formatdate(now if now is not None else time.time(), localtime=True)}")
+    lines.append(f"\t{_date(now if now is not None else time.time())}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")

@@ -356,3 +356,11 @@ def test_cli_queue(tmp_path: Path) -> None:
     assert first["state"] == "deferred" and first["attempts"] == 2
     assert first["next_attempt"].startswith(time.strftime("%Y-"))
     assert second["next_attempt"] is None
+
+
+def test_absurd_duration_is_refused_with_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "huge.toml"
+    path.write_text('max_queue_time = "99999999999d"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert "max_queue_time" in str(info.value) and "at most 3650d" in str(info.value)

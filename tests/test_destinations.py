@@ -407,6 +407,28 @@ async def test_max_connections_per_destination_and_messages_per_connection(
     assert other.peak == 3 and len(other.transactions) == 8
 
 
+async def test_bytes_in_flight_bound_how_many_large_messages_are_sent_at_once(
+    tmp_path: Path,
+) -> None:
+    rec = await start_recorder(data_delay=0.2)
+    config = make_config(tmp_path, {"big.test": hop(rec.host, rec.port)}, {})
+    body = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 1250  # 100 KB in short lines
+    try:
+        async with scheduler(tmp_path, config) as (sched, queue):
+            sched._max_bytes_in_flight = 250_000  # two such messages at a time
+            for i in range(6):
+                await submit(queue, [f"r{i}@big.test"], time.time(), body=body)
+            for _ in range(6):
+                if not queue.count():
+                    break
+                await sched.run_once()
+            assert queue.count() == 0, [r.recipients for r in queue.all()]
+    finally:
+        await rec.stop()
+    assert len(rec.transactions) == 6
+    assert rec.peak == 2
+
+
 async def test_recipients_per_message_splits_transactions(
     tmp_path: Path, smtp_sink: SinkFactory
 ) -> None:

@@ -148,11 +148,18 @@ class Destinations:
     def __iter__(self) -> Any:
         return iter(self._states.values())
 
-    def snapshot(self, now: float, started: float, active: Callable[[str], int]) -> dict[str, Any]:
+    def snapshot(
+        self,
+        now: float,
+        started: float,
+        active: Callable[[str], int],
+        pid: int | None = None,
+    ) -> dict[str, Any]:
+        """`pid`: the `sluice run` process (the parent of the delivery process)."""
         default = self._config.delivery.max_connections
         return {
             "version": SNAPSHOT_VERSION,
-            "pid": os.getpid(),
+            "pid": pid if pid is not None else os.getpid(),
             "started": iso(started),
             "updated": iso(now),
             "updated_ts": now,

@@ -1,7 +1,8 @@
 """Delivery scheduler: moves due mail from the queue to next hops and records the outcome.
 
-Runs as one task on the product's uvloop loop, in the unprivileged Python process. The
-inbound side calls `notify()` after a message is queued so it leaves at once; everything
+Runs as one task on the uvloop loop of the delivery process (appliance/delivery/worker.py,
+a child of `sluice run` on the same queue). The inbound side wakes it through that
+process's pipe (`notify()`) after a message is queued so it leaves at once; everything
 else is driven by the queue's schedule (`Queue.due`, `Queue.next_due_time`).
 
 One attempt of one message:
@@ -26,8 +27,9 @@ One attempt of one message:
   4.4.7); after `delay_warning` one "delayed" DSN goes out per message, and NOTIFY=SUCCESS
   to a next hop without DSN gives a "relayed" DSN (RFC 3461 5.2.2).
 
-Bounded resources: at most `window` messages in flight (deferred mail waits in the queue,
-not in memory), at most `delivery.max_connections` outbound connections in total and the
+Bounded resources: at most `window` messages and `max_bytes_in_flight` message bytes in
+flight (deferred mail waits in the queue, not in memory), at most
+`delivery.max_connections` outbound connections in total and the
 destination's `max_connections` per domain, idle connections reused for up to
 `messages_per_connection` messages and closed after a few seconds. Time is injected
 (`clock`, `sleep`) so retry timing and pauses are tested on a fake clock. The state of
@@ -98,6 +100,9 @@ class _Waiter:
     dest_limit: int
     future: asyncio.Future[SmtpConnection | None]
 
+
+# Message bytes that attempts in flight may hold at once (see _dispatch).
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 
 # How soon to look at the queue again when mail is overdue but every due message seemed
 # to be in flight (seconds).
@@ -340,9 +345,11 @@ class DeliveryScheduler:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         *,
         window: int = 1000,
+        max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT,
         rng: random.Random | None = None,
         connection_factory: Callable[[], SmtpConnection] = SmtpConnection,
         publish_interval: float = HOSTS_INTERVAL,
+        server_pid: int | None = None,
     ) -> None:
         self._queue = queue
         self._router = router
@@ -350,6 +357,9 @@ class DeliveryScheduler:
         self._clock = clock
         self._sleep = sleep
         self._window = window
+        self._max_bytes_in_flight = max_bytes_in_flight
+        self._sizes: dict[str, int] = {}
+        self._bytes_in_flight = 0
         self._rng = rng or random.Random()
         delivery = config.delivery
         self._pool = _Pool(
@@ -366,6 +376,9 @@ class DeliveryScheduler:
         self._stopping = False
         self._started = clock()
         self._publish_interval = publish_interval
+        # Named in hosts.json: the `sluice run` process (this one, or the parent of the
+        # delivery process).
+        self._server_pid = server_pid
 
     @property
     def connections_opened(self) -> int:
@@ -421,7 +434,9 @@ class DeliveryScheduler:
     # -- state for `sluice hosts` ----------------------------------------------------------
 
     def hosts_snapshot(self) -> dict[str, Any]:
-        return self.destinations.snapshot(self._clock(), self._started, self._pool.open_for)
+        return self.destinations.snapshot(
+            self._clock(), self._started, self._pool.open_for, self._server_pid
+        )
 
     def publish(self) -> None:
         """Write <data_dir>/hosts.json now (also done every few seconds by `run()`)."""
@@ -444,20 +459,29 @@ class DeliveryScheduler:
         if room <= 0:
             return 0
         started = 0
-        # Records in flight are still due in the queue: ask for enough to see past them.
-        for record in self._queue.due(self._clock(), room + len(self._active)):
+        # Records in flight are still due in the queue: the queue passes over them by key,
+        # without decoding their envelopes again.
+        for record in self._queue.due(self._clock(), room, exclude=self._active):
             if started >= room:
                 break
             if record.qid in self._active:
                 continue
+            # Each attempt holds its body (and a dot-stuffed copy while sending): bound
+            # the bytes in flight, not only the count, or a queue of large messages costs
+            # gigabytes. One message always goes, however large.
+            if self._active and self._bytes_in_flight + record.size > self._max_bytes_in_flight:
+                break
             task = asyncio.get_running_loop().create_task(self._attempt(record))
             self._active[record.qid] = task
+            self._sizes[record.qid] = record.size
+            self._bytes_in_flight += record.size
             task.add_done_callback(functools.partial(self._finished, record.qid))
             started += 1
         return started
 
     def _finished(self, qid: str, _task: asyncio.Task[None]) -> None:
         self._active.pop(qid, None)
+        self._bytes_in_flight -= self._sizes.pop(qid, 0)
         self._wake.set()
 
     async def _wait(self) -> None:
@@ -590,8 +614,10 @@ class DeliveryScheduler:
             if warning > 0 and now - record.arrived >= warning and wants_dsn(rcpt, "DELAY"):
                 late.append(rcpt)
         if late:
-            record.delay_warned = True
+            # Marked only once the notice is queued: a failure here is logged and the
+            # warning is tried again on the next pass rather than silently lost.
             await self._report(record, late, body, now, "delayed")
+            record.delay_warned = True
 
     def _backoff(self, profile: BounceProfile, attempts: int) -> float:
         delay = profile.retry_initial * 2.0 ** min(max(attempts - 1, 0), 40)

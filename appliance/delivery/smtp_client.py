@@ -32,11 +32,18 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from appliance.config import DeliveryConfig, TlsPolicy
+
+_native_dot_stuff: Callable[[bytes], bytes] | None
+try:
+    from appliance._native import dot_stuff as _native_dot_stuff
+except ImportError:  # the extension is not built (tools that only read state)
+    _native_dot_stuff = None
 
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line; real servers send longer ones
 # (long banners, URLs in rejections), so accept far more but still bound memory.
@@ -112,8 +119,8 @@ def parse_reply(lines: Sequence[bytes]) -> Reply:
             raise ValueError(f"reply code changes inside a reply: {line[:80]!r}")
         code_text = head
         text = line[4:].strip()
-        m = _ENHANCED.match(text)
-        if m and m.group(1) == head[0]:
+        # An enhanced code starts with the reply's class digit; skip the regex otherwise.
+        if text[:1] == head[0] and (m := _ENHANCED.match(text)) is not None:
             enhanced = enhanced or f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
             text = text[m.end() :]
         if text:
@@ -126,8 +133,16 @@ def dot_stuff(body: bytes) -> bytes:
 
     Stored bodies already have CRLF line ends; a bare CR or LF that slipped through is
     normalised to CRLF anyway, because relaying one would let a lenient next hop see a
-    message end we never meant (SMTP smuggling).
+    message end we never meant (SMTP smuggling). Done by the Rust code the listener uses
+    (`smtp_proto::stuffing`, one pass, without the GIL) when the extension is built.
     """
+    if _native_dot_stuff is not None:
+        return _native_dot_stuff(body)
+    return _py_dot_stuff(body)
+
+
+def _py_dot_stuff(body: bytes) -> bytes:
+    """dot_stuff() in Python, for tools that run without the native module."""
     if body.count(b"\n") != body.count(b"\r\n") or body.count(b"\r") != body.count(b"\r\n"):
         body = _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b"\r\n", body))
     stuffed = body.replace(b"\r\n.", b"\r\n..")
@@ -265,7 +280,8 @@ class SmtpConnection:
         self.tls = ""
         # Opportunistic TLS failed its handshake and this connection is the plain retry.
         self.tls_fallback = False
-        self._last_lines: list[str] = []
+        self._last_raw: list[bytes] = []  # the lines of the last reply (EHLO keywords)
+        self._sending = False  # what a _Deadline that runs out was waiting for
         # A transaction was opened (MAIL accepted) and not finished by a final reply.
         self._dirty = False
 
@@ -429,8 +445,8 @@ class SmtpConnection:
     def _parse_ehlo(self, reply: Reply) -> dict[str, str]:
         # RFC 5321 4.1.1.1: the first line greets, each further line names an extension.
         extensions: dict[str, str] = {}
-        for line in self._last_lines[1:]:
-            words = line[4:].strip().split(None, 1)
+        for raw in self._last_raw[1:]:
+            words = raw[4:].decode("utf-8", "replace").strip().split(None, 1)
             if words:
                 extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
         return extensions
@@ -519,13 +535,18 @@ class SmtpConnection:
             data: Reply | None = None
             if "PIPELINING" in self.extensions:
                 # RFC 2920 3.1: MAIL, every RCPT and DATA go in one write; the replies come
-                # back in order. DATA is the last command of the group.
+                # back in order. DATA is the last command of the group. One deadline for
+                # the group, moved on as replies arrive: each reply still gets the command
+                # timeout from the one before it.
                 batch = [mail_cmd, *rcpt_cmds, "DATA"]
-                await self._write(("\r\n".join(batch) + "\r\n").encode(), t.command)
-                result.mail = await self._read_reply(t.command)
-                for i in wanted:
-                    result.rcpt[i] = await self._read_reply(t.command)
-                data = await self._read_reply(t.command)
+                async with _Deadline(self, t.command) as deadline:
+                    await self._send_raw(("\r\n".join(batch) + "\r\n").encode())
+                    result.mail = await self._receive()
+                    for i in wanted:
+                        deadline.progress()
+                        result.rcpt[i] = await self._receive()
+                    deadline.progress()
+                    data = await self._receive()
                 self._dirty = result.mail.positive
                 accepted = result.mail.positive and any(
                     r is not None and r.positive for r in result.rcpt
@@ -544,8 +565,12 @@ class SmtpConnection:
                     if any(r is not None and r.positive for r in result.rcpt):
                         data = await self._command("DATA", t.command)
             if data is not None and data.code == 354:
-                await self._write(payload, t.data)
-                data = await self._read_reply(t.data)
+                # Sending the body and waiting for the reply to the final dot: one deadline
+                # of the data timeout for each (the second starts when the body is out).
+                async with _Deadline(self, t.data) as deadline:
+                    await self._send_raw(payload)
+                    deadline.progress()
+                    data = await self._receive()
                 self._dirty = False
                 self.messages += 1
             result.data = data
@@ -625,44 +650,49 @@ class SmtpConnection:
     # -- wire ------------------------------------------------------------------------------
 
     async def _command(self, line: str, seconds: float) -> Reply:
-        await self._write(line.encode("utf-8") + b"\r\n", seconds)
-        return await self._read_reply(seconds)
+        async with _Deadline(self, seconds) as deadline:
+            await self._send_raw(line.encode("utf-8") + b"\r\n")
+            deadline.progress()
+            return await self._receive()
 
     async def _write(self, data: bytes, seconds: float) -> None:
+        async with _Deadline(self, seconds):
+            await self._send_raw(data)
+
+    async def _read_reply(self, seconds: float) -> Reply:
+        async with _Deadline(self, seconds):
+            return await self._receive()
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Write `data`; bounded by the caller's _Deadline, not by a timeout of its own."""
         writer = self._writer
         if writer is None or writer.is_closing():
             raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+        self._sending = True
         try:
             writer.write(data)
-            async with asyncio.timeout(seconds):
-                await writer.drain()
-        except TimeoutError:
-            raise _SessionLost(local_reply(451, "4.4.2", "timeout sending to next hop")) from None
+            await writer.drain()
         except OSError as exc:
             raise _SessionLost(
                 local_reply(451, "4.4.2", f"connection lost: {exc.strerror or exc}")
             ) from None
+        self._sending = False
 
-    async def _read_reply(self, seconds: float) -> Reply:
+    async def _receive(self) -> Reply:
+        """Read one reply; bounded by the caller's _Deadline, not by a timeout of its own."""
         reader = self._reader
         if reader is None:
             raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+        self._sending = False
         raw: list[bytes] = []
         try:
-            async with asyncio.timeout(seconds):
-                while True:
-                    line = await reader.readline()
-                    if not line.endswith(b"\n"):
-                        raise _SessionLost(
-                            local_reply(451, "4.4.2", "connection closed by next hop")
-                        )
-                    raw.append(line)
-                    if line[3:4] != b"-" or len(raw) >= _MAX_REPLY_LINES:
-                        break
-        except TimeoutError:
-            raise _SessionLost(
-                local_reply(451, "4.4.2", "timeout waiting for next hop reply")
-            ) from None
+            while True:
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    raise _SessionLost(local_reply(451, "4.4.2", "connection closed by next hop"))
+                raw.append(line)
+                if line[3:4] != b"-" or len(raw) >= _MAX_REPLY_LINES:
+                    break
         except (OSError, ValueError) as exc:
             # ValueError: a reply line longer than the stream limit.
             raise _SessionLost(local_reply(451, "4.4.2", f"connection lost: {exc}")) from None
@@ -670,8 +700,52 @@ class SmtpConnection:
             reply = parse_reply(raw)
         except ValueError as exc:
             raise _SessionLost(local_reply(451, "4.5.0", f"protocol error: {exc}")) from None
-        self._last_lines = [r.rstrip(b"\r\n").decode("utf-8", "replace") for r in raw]
+        self._last_raw = raw
         if reply.code == 421:
             # RFC 5321 3.8: the server is closing the channel; everything after is lost.
             raise _SessionLost(reply)
         return reply
+
+
+class _Deadline:
+    """One asyncio timeout over several writes and replies of a connection.
+
+    `progress()` after each step gives the next step `seconds` again, as a timeout per
+    command would; the timer is only moved when the step took over a second, so a fast
+    next hop costs one timer per exchange rather than one per command. When it runs
+    out, the connection is lost with a reply saying whether we were sending or waiting.
+    """
+
+    __slots__ = ("_conn", "_loop", "_seconds", "_set_at", "_timeout")
+
+    def __init__(self, conn: SmtpConnection, seconds: float) -> None:
+        self._conn = conn
+        self._seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._set_at = self._loop.time()
+        self._timeout = asyncio.timeout_at(self._set_at + seconds)
+
+    async def __aenter__(self) -> _Deadline:
+        await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if self._conn._sending:
+                text = "timeout sending to next hop"
+            else:
+                text = "timeout waiting for next hop reply"
+            raise _SessionLost(local_reply(451, "4.4.2", text)) from None
+
+    def progress(self) -> None:
+        now = self._loop.time()
+        if now - self._set_at > 1.0:
+            self._set_at = now
+            self._timeout.reschedule(now + self._seconds)

@@ -345,14 +345,17 @@ impl Server {
     }
 
     fn take_requests(&self, py: Python<'_>) -> Vec<Request> {
-        let pending = self.shared.bridge.take();
+        // The eventfd read and the list lock (contended by the I/O threads) happen
+        // without the GIL; only building the Python objects needs it.
+        let shared = Arc::clone(&self.shared);
+        let pending = py.detach(move || shared.bridge.take());
         pending
             .into_iter()
             .map(|p| Request::from_pending(py, p))
             .collect()
     }
 
-    fn answer(&self, verdicts: Vec<(u64, u16, String, String)>) -> PyResult<()> {
+    fn answer(&self, py: Python<'_>, verdicts: Vec<(u64, u16, String, String)>) -> PyResult<()> {
         let mut replies = Vec::with_capacity(verdicts.len());
         for (id, code, enhanced, text) in verdicts {
             if !(200..600).contains(&code) {
@@ -362,7 +365,10 @@ impl Server {
             }
             replies.push((id, Reply::new(code, &enhanced, &text)));
         }
-        self.shared.bridge.answer(replies);
+        // Handing each reply to its session wakes I/O threads (futex calls): done without
+        // the GIL, so Python keeps running meanwhile.
+        let shared = Arc::clone(&self.shared);
+        py.detach(move || shared.bridge.answer(replies));
         Ok(())
     }
 
