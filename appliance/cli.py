@@ -188,12 +188,25 @@ def _hosts_rows(config: Config) -> dict[str, Any] | str:
             }
         )
     rows.sort(key=lambda r: (-r["queued"], -r["active_connections"], r["domain"]))
+    pid = snapshot.get("pid")
     return {
         "updated": snapshot.get("updated"),
         "started": snapshot.get("started"),
-        "pid": snapshot.get("pid"),
+        "pid": pid,
+        "running": isinstance(pid, int) and _process_alive(pid),
         "destinations": rows,
     }
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether the sluice that wrote the snapshot still runs (signal 0 only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -211,6 +224,10 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     rows = doc["destinations"]
     when = doc["updated"] or "never (no snapshot: sluice has not run here)"
     print(f"state as of {when}; counts since {doc['started'] or '-'}")
+    if doc["updated"] and not doc["running"]:
+        # The snapshot outlives the process: say so, or its pauses and active
+        # connections read as the present.
+        print(f"sluice (pid {doc['pid']}) is not running: this is its last state")
     if not rows:
         print("no destinations")
         return EXIT_OK

@@ -43,7 +43,9 @@ def test_sluice_hosts_shows_counts_queue_and_pause(
     # Before the first start there is no snapshot and no queue: an empty answer.
     server.data_dir.mkdir(parents=True)
     empty = hosts_json(server)
-    assert empty == {"updated": None, "started": None, "pid": None, "destinations": []}
+    assert empty == {
+        "updated": None, "started": None, "pid": None, "running": False, "destinations": []
+    }  # fmt: skip
     server.start()
 
     with server.smtp() as client:
@@ -68,6 +70,7 @@ def test_sluice_hosts_shows_counts_queue_and_pause(
     doc = wait_until(published)
     assert doc, hosts_json(server)
     assert doc["pid"] == server.proc.pid if server.proc else False
+    assert doc["running"] is True
     rows = by_domain(doc)
     down, ok = rows["down.test"], rows["ok.test"]
     assert doc["destinations"][0]["domain"] == "down.test"  # most queued first
@@ -101,5 +104,10 @@ def test_sluice_hosts_shows_counts_queue_and_pause(
 
     # At shutdown the last state is written; the CLI still reads it afterwards.
     assert server.stop() == 0
-    after = by_domain(hosts_json(server))
+    stopped = hosts_json(server)
+    after = by_domain(stopped)
     assert after["down.test"]["queued"] == 2 and after["ok.test"]["delivered"] == 1
+    # ... and says plainly that this is the last state of a sluice no longer running.
+    assert stopped["running"] is False
+    table = server.cli("hosts", "--config", str(server.config_path))
+    assert f"sluice (pid {stopped['pid']}) is not running" in table.stdout
