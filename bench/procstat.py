@@ -10,6 +10,7 @@ shared pages count once per process).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -96,26 +97,62 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
+def anon_rss_bytes(pids: list[int]) -> int:
+    """Sum of RssAnon (heap, stacks, buffers: memory the process itself allocated) over the
+    given processes. VmHWM also counts file-backed pages such as LMDB's memory map, which
+    the page cache can drop; RssAnon is what a message really costs."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
 @dataclass
 class Usage:
     """Resource use of a server over one measured run."""
 
     cpu_seconds: float
     peak_rss: int
+    peak_anon: int = 0
 
 
 class Meter:
-    """Snapshot CPU at start(); stop() returns the CPU used since and the peak RSS."""
+    """Snapshot CPU at start(); stop() returns the CPU used since, the peak RSS (VmHWM) and
+    the peak anonymous RSS, sampled every 50 ms over the process tree (the kernel keeps no
+    high-water mark for it)."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots = roots
         self._cpu0 = 0.0
+        self._peak_anon = 0
+        self._done = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            pids = [p for root in self.roots for p in tree(root)]
+            self._peak_anon = max(self._peak_anon, anon_rss_bytes(pids))
 
     def start(self) -> None:
         self._cpu0 = tree_cpu_seconds(self.roots)
+        self._peak_anon = 0
+        self._done.clear()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
 
     def stop(self) -> Usage:
+        self._done.set()
+        if self._sampler is not None:
+            self._sampler.join()
         return Usage(
             cpu_seconds=tree_cpu_seconds(self.roots) - self._cpu0,
             peak_rss=tree_peak_rss_bytes(self.roots),
+            peak_anon=self._peak_anon,
         )

@@ -116,6 +116,7 @@ class Run:
     rate: float = 0.0
     cpu_ms_per_msg: float = math.nan
     peak_rss: int = 0
+    peak_anon: int = 0
     commits_per_msg: float | None = None
     fsyncs_per_msg: float | None = None
     latency: dict[str, Any] | None = None
@@ -298,6 +299,7 @@ def measure(server: Server, load: Load, opts: Options) -> Run:
         run.rate = count / elapsed
         run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / count
         run.peak_rss = usage.peak_rss
+        run.peak_anon = usage.peak_anon
         if c0 is not None and c1 is not None:
             run.commits_per_msg = (c1 - c0) / count
         settle(server)
@@ -483,6 +485,7 @@ def drain_sluice(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]:
         run = Run(server="sluice", messages=n, seconds=t1 - t0, rate=n / (t1 - t0))
         run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / n
         run.peak_rss = usage.peak_rss
+        run.peak_anon = usage.peak_anon
         return run, t_up - t0, n / fill_s
     finally:
         server.stop()
@@ -510,6 +513,7 @@ def drain_postfix(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]
         run = Run(server="postfix", messages=n, seconds=t1 - t0, rate=n / (t1 - t0))
         run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / n
         run.peak_rss = usage.peak_rss
+        run.peak_anon = usage.peak_anon
         return run, t_up - t0, n / fill_s
     finally:
         server.stop()
@@ -610,6 +614,10 @@ def rows_for(table: Table) -> list[tuple[str, dict[str, str]]]:
     row(
         "peak RSS MiB (sum of procs)",
         lambda r: fmt(r.peak_rss / MIB, ".0f") if r.peak_rss else None,
+    )
+    row(
+        "peak anon RSS MiB (sampled)",
+        lambda r: fmt(r.peak_anon / MIB, ".0f") if r.peak_anon else None,
     )
     row("queue commits/msg", lambda r: fmt(r.commits_per_msg, ".3f"))
     row("fsyncs/msg (strace)", lambda r: fmt(r.fsyncs_per_msg, ".3f"))
