@@ -122,6 +122,15 @@ class Run:
     latency: dict[str, Any] | None = None
     error: str | None = None
 
+    def record(self, messages: int, seconds: float, usage: procstat.Usage) -> None:
+        """Fill in what one measured run of `messages` in `seconds` cost."""
+        self.messages = messages
+        self.seconds = seconds
+        self.rate = messages / seconds
+        self.cpu_ms_per_msg = usage.cpu_seconds * 1000 / messages
+        self.peak_rss = usage.peak_rss
+        self.peak_anon = usage.peak_anon
+
 
 @dataclass
 class Table:
@@ -294,12 +303,7 @@ def measure(server: Server, load: Load, opts: Options) -> Run:
         elapsed = smtp_source(server, load, count)
         usage = meter.stop()
         c1 = commits(server)
-        run.messages = count
-        run.seconds = elapsed
-        run.rate = count / elapsed
-        run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / count
-        run.peak_rss = usage.peak_rss
-        run.peak_anon = usage.peak_anon
+        run.record(count, elapsed, usage)
         if c0 is not None and c1 is not None:
             run.commits_per_msg = (c1 - c0) / count
         settle(server)
@@ -482,10 +486,8 @@ def drain_sluice(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]:
         wait_until(lambda: queue_depth(server) == 0, 900, "Sluice's queue to empty")
         t1 = time.perf_counter()
         usage = meter.stop()
-        run = Run(server="sluice", messages=n, seconds=t1 - t0, rate=n / (t1 - t0))
-        run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / n
-        run.peak_rss = usage.peak_rss
-        run.peak_anon = usage.peak_anon
+        run = Run(server="sluice")
+        run.record(n, t1 - t0, usage)
         return run, t_up - t0, n / fill_s
     finally:
         server.stop()
@@ -510,10 +512,8 @@ def drain_postfix(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]
         wait_until(lambda: server.queue_size() == 0, 900, "Postfix's queue to empty")
         t1 = time.perf_counter()
         usage = meter.stop()
-        run = Run(server="postfix", messages=n, seconds=t1 - t0, rate=n / (t1 - t0))
-        run.cpu_ms_per_msg = usage.cpu_seconds * 1000 / n
-        run.peak_rss = usage.peak_rss
-        run.peak_anon = usage.peak_anon
+        run = Run(server="postfix")
+        run.record(n, t1 - t0, usage)
         return run, t_up - t0, n / fill_s
     finally:
         server.stop()
