@@ -95,6 +95,17 @@ pub fn drive(
     parts: &[Vec<&[u8]>],
     policy: &dyn Fn(&Query) -> Reply,
 ) -> String {
+    drive_with(config, parts, policy, &describe)
+}
+
+/// `drive`, with the caller's rendering of each Ask (the dialog tests' golden transcripts
+/// use a more readable one than the fuzz targets).
+pub fn drive_with(
+    config: &ServerConfig,
+    parts: &[Vec<&[u8]>],
+    policy: &dyn Fn(&Query) -> Reply,
+    describe: &dyn Fn(&Query) -> String,
+) -> String {
     let mut s = ServerSession::new(config.clone());
     let mut t = String::new();
     let mut part = 0;

@@ -71,46 +71,10 @@ fn drive(config: &ServerConfig, chunks: &[&[u8]], policy: Policy) -> String {
 }
 
 /// Like `drive`, with input in parts: the first is sent in the clear, each later one
-/// inside the TLS session a `Step::StartTls` started. Plaintext not yet fed when STARTTLS
-/// succeeds would go to the TLS handshake, so it is not fed to the session.
+/// inside the TLS session a `Step::StartTls` started (the crate's shared driver, which
+/// also checks that nothing moves during an Ask and input stays bounded).
 fn drive_parts(config: &ServerConfig, parts: &[Vec<&[u8]>], policy: Policy) -> String {
-    let mut s = ServerSession::new(config.clone());
-    let mut t = String::new();
-    let mut next = 0;
-    'parts: while let Some(chunks) = parts.get(next) {
-        next += 1;
-        let bound = config.max_line_length + chunks.iter().map(|c| c.len()).max().unwrap_or(0);
-        for chunk in chunks {
-            s.receive(chunk);
-            loop {
-                match s.step() {
-                    Step::Write(b) => t.push_str(&String::from_utf8_lossy(&b)),
-                    Step::Ask(q) => {
-                        t.push_str(&describe(&q));
-                        // While the Ask is open nothing moves and nothing is consumed.
-                        let held = s.buffered();
-                        assert!(matches!(s.step(), Step::NeedInput));
-                        assert_eq!(s.buffered(), held);
-                        s.answer(policy(&q));
-                    }
-                    Step::Close => {
-                        t.push_str("(close)\n");
-                        return t;
-                    }
-                    Step::StartTls => {
-                        t.push_str("(starttls)\n");
-                        assert!(!s.is_tls());
-                        s.tls_started();
-                        assert!(s.is_tls());
-                        continue 'parts;
-                    }
-                    Step::NeedInput => break,
-                }
-            }
-            assert!(s.buffered() <= bound, "buffered {} > {bound}", s.buffered());
-        }
-    }
-    t
+    smtp_proto::fuzzing::drive_with(config, parts, policy, &describe)
 }
 
 /// The transcript of `input`, identical however the input is split.
