@@ -18,6 +18,7 @@ import contextlib
 import email
 import email.policy
 import inspect
+import json
 import os
 import shutil
 import socket
@@ -27,10 +28,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
 
+from appliance import eventlog
 from tests.netutil import free_port, loopback_hosts
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -334,3 +337,18 @@ def decoded_text(part: Message) -> str:
 def dsn_fields(report: Message) -> list[Message]:
     """The field groups of a report's message/delivery-status part: per-message first."""
     return mime_parts(mime_parts(report)[1])
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Iterator[Callable[..., list[dict[str, Any]]]]:
+    """The event log of the code under test, sent to a file: `events()` reads every
+    event so far, `events("delivered")` only those of one kind."""
+    path = tmp_path / "events.jsonl"
+    eventlog.configure(str(path))
+
+    def read(name: str | None = None) -> list[dict[str, Any]]:
+        found = [json.loads(line) for line in path.read_text().splitlines()]
+        return [e for e in found if name is None or e["event"] == name]
+
+    yield read
+    eventlog.configure(None)

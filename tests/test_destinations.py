@@ -8,19 +8,14 @@ recorder in tests/smtp_recorder.py when the test needs to see concurrency or TLS
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import random
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance import eventlog
 from appliance.config import (
     BounceProfile,
     Config,
@@ -35,6 +30,7 @@ from appliance.delivery.routing import Router
 from appliance.delivery.scheduler import DeliveryScheduler
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 from tests.conftest import SinkFactory, free_port, loopback_hosts
+from tests.delivery_support import T0, Clock, hop, scheduler
 from tests.smtp_recorder import (
     Recorder,
     make_ca,
@@ -44,19 +40,6 @@ from tests.smtp_recorder import (
 )
 
 BODY = b"Subject: test\r\nFrom: alice@example.org\r\n\r\nline\r\n"
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def hop(host: str, port: int) -> Route:
-    return Route(hosts=((host, port),))
 
 
 def make_config(
@@ -80,19 +63,6 @@ def make_config(
     )
 
 
-@asynccontextmanager
-async def scheduler(
-    tmp_path: Path, config: Config, clock: Callable[[], float] = time.time
-) -> AsyncIterator[tuple[DeliveryScheduler, Queue]]:
-    queue = Queue(tmp_path, durable=False, clock=clock)
-    sched = DeliveryScheduler(queue, Router(config, clock), config, clock, rng=random.Random(1))
-    try:
-        yield sched, queue
-    finally:
-        await sched.close()
-        await queue.close()
-
-
 async def submit(
     queue: Queue, rcpts: list[str], arrived: float, body: bytes = BODY, **kw: Any
 ) -> MessageRecord:
@@ -108,19 +78,6 @@ async def submit(
     )
     await queue.submit(record, body)
     return record
-
-
-@pytest.fixture
-def events(tmp_path: Path) -> Any:
-    path = tmp_path / "events.jsonl"
-    eventlog.configure(str(path))
-
-    def read(name: str | None = None) -> list[dict[str, Any]]:
-        found = [json.loads(line) for line in path.read_text().splitlines()]
-        return [e for e in found if name is None or e["event"] == name]
-
-    yield read
-    eventlog.configure(None)
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -21,13 +21,11 @@ from typing import Any
 from appliance.config import BounceProfile
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 from tests.conftest import SinkFactory, decoded_text, dsn_fields, mime_parts, parse_message
+from tests.delivery_support import T0, Clock, hop, scheduler
 from tests.smtp_recorder import start_recorder
-from tests.test_destinations import Clock, events, hop, make_config, scheduler
-
-__all__ = ["events"]  # the fixture, imported for pytest
+from tests.test_destinations import make_config
 
 BODY = b"Subject: report me\r\nFrom: alice@example.org\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n"
-T0 = 1_800_000_000.0
 
 
 async def submit(

@@ -8,14 +8,7 @@ from pathlib import Path
 from appliance.config import Config, DeliveryConfig, Route
 from appliance.delivery.routing import Router
 from tests.conftest import DnsFactory, DnsServer, free_port
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.delivery_support import Clock
 
 
 def make_config(

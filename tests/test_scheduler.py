@@ -4,17 +4,12 @@ hops and a real DNS server on loopback; retry timing on a fake clock."""
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance import eventlog
 from appliance.config import Config, DeliveryConfig, Route
 from appliance.delivery.routing import Router
 from appliance.delivery.scheduler import DeliveryScheduler
@@ -28,17 +23,9 @@ from tests.conftest import (
     loopback_hosts,
     parse_message,
 )
+from tests.delivery_support import T0, Clock, scheduler
 
 BODY = b"Subject: test\r\nFrom: alice@example.org\r\n\r\nline\r\n.dot\r\n"
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def route(sink: Sink) -> Route:
@@ -63,20 +50,6 @@ def make_config(
     )
 
 
-@asynccontextmanager
-async def scheduler(
-    tmp_path: Path, config: Config, clock: Callable[[], float] = time.time
-) -> AsyncIterator[tuple[DeliveryScheduler, Queue]]:
-    queue = Queue(tmp_path, durable=False, clock=clock)
-    router = Router(config, clock)
-    sched = DeliveryScheduler(queue, router, config, clock, rng=random.Random(1))
-    try:
-        yield sched, queue
-    finally:
-        await sched.close()
-        await queue.close()
-
-
 async def submit(
     queue: Queue, sender: str, rcpts: list[str], arrived: float, body: bytes = BODY, **kw: Any
 ) -> MessageRecord:
@@ -92,18 +65,6 @@ async def submit(
     )
     await queue.submit(record, body)
     return record
-
-
-@pytest.fixture
-def events(tmp_path: Path) -> Any:
-    path = tmp_path / "events.jsonl"
-    eventlog.configure(str(path))
-
-    def read() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    yield read
-    eventlog.configure(None)
 
 
 async def test_delivers_and_removes(tmp_path: Path, smtp_sink: SinkFactory) -> None:
