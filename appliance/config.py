@@ -25,7 +25,7 @@ import socket
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -122,7 +122,8 @@ class DestinationConfig:
     max_connections: int | None = None
     messages_per_connection: int | None = None
     recipients_per_message: int = 100
-    messages_per_minute: int = 0  # 0: no rate limit
+    # 0: no rate limit. A float only in a delivery process's share (`process_share`).
+    messages_per_minute: float = 0
     tls: TlsPolicy = "opportunistic"
     tls_ca_file: Path | None = None  # for required-verified; default: the system store
     bounce_profile: str | None = None  # overrides the listener's profile
@@ -146,6 +147,8 @@ class DeliveryConfig:
     mx_port: int = 25
     helo_name: str | None = None
     messages_per_connection: int = 100
+    # Delivery processes, each delivering its own shard of the queue (docs/delivery.md).
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,41 @@ class Config:
             if pattern in table:
                 return pattern, table[pattern]
         return "*", table.get("*", DestinationConfig())
+
+
+def process_share(config: Config) -> Config:
+    """The configuration each of `[delivery] processes` delivery processes runs on.
+
+    Every process enforces its limits on its own, so the outbound limits are divided
+    between them: `[delivery] max_connections` and each destination's `max_connections`
+    become `limit // N` (at least 1, so with N > 1 a limit below N allows up to N
+    connections in all), each destination's `messages_per_minute` becomes `rate / N`.
+    With one process (the default) the configuration is returned as it is and its limits
+    hold exactly.
+    """
+    n = config.delivery.processes
+    if n <= 1:
+        return config
+
+    def connections(limit: int | None) -> int | None:
+        return None if limit is None else max(1, limit // n)
+
+    def rate(per_minute: float) -> float:
+        share = per_minute / n
+        return int(share) if share.is_integer() else share
+
+    destinations = {
+        pattern: replace(
+            dest,
+            max_connections=connections(dest.max_connections),
+            messages_per_minute=rate(dest.messages_per_minute),
+        )
+        for pattern, dest in config.destinations.items()
+    }
+    delivery = replace(
+        config.delivery, max_connections=max(1, config.delivery.max_connections // n)
+    )
+    return replace(config, delivery=delivery, destinations=destinations)
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,6 +629,21 @@ def _parse_listener(r: _Reader, base_dir: Path | None = None) -> ListenerConfig:
     )
 
 
+# More delivery processes than this buys nothing (each needs a core) and costs a process,
+# an LMDB reader slot and a share of every limit.
+MAX_DELIVERY_PROCESSES = 64
+
+
+def _processes(value: object) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 < value <= MAX_DELIVERY_PROCESSES
+    ):
+        raise _Invalid(f"expected an integer from 1 to {MAX_DELIVERY_PROCESSES}")
+    return value
+
+
 _DELIVERY_KEYS: dict[str, Callable[[object], object]] = {
     "max_connections": _positive_int,
     "connect_timeout": parse_duration,
@@ -601,6 +654,7 @@ _DELIVERY_KEYS: dict[str, Callable[[object], object]] = {
     "mx_port": _port,
     "helo_name": _domain,
     "messages_per_connection": _positive_int,
+    "processes": _processes,
 }
 
 
