@@ -13,7 +13,8 @@ Run by the operator (or systemd) as the sluice service user:
 to it: LMDB readers in other processes see the last committed state and never block the
 writer. `sluice hosts` reads the destination state the running process publishes in
 <data_dir>/hosts.json every few seconds (appliance.delivery.destinations) and adds the
-recipients queued per domain from the queue. Exit status: 0 success, 1 operational
+recipients queued per domain from the queue (with several delivery processes, each
+publishes hosts-<k>.json and they are shown merged). Exit status: 0 success, 1 operational
 failure (e.g. no data directory), 2 bad configuration or usage.
 """
 
@@ -263,6 +264,11 @@ def _summary(config: Config) -> list[str]:
         lines.append(f"  route {domain} -> {'MX lookup (dns)' if route.use_dns else hops}")
     if "*" not in config.routes:
         lines.append(f"  route * -> MX lookup (port {config.delivery.mx_port})")
+    if config.delivery.processes > 1:
+        lines.append(
+            f"  delivery: {config.delivery.processes} processes, each with its share of the"
+            " connection and rate limits"
+        )
     for name, prof in sorted(config.bounce_profiles.items()):
         warn = f"{prof.delay_warning:g}s" if prof.delay_warning else "never"
         lines.append(

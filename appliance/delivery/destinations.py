@@ -24,6 +24,9 @@ no CPU and loses no mail.
 The state is published for `sluice hosts` (another process) as `<data_dir>/hosts.json`,
 written to a temporary file and renamed over the old one, so a reader sees either the
 previous snapshot or the new one, never half of one. Counts are since the process started.
+With several delivery processes (`[delivery] processes = N`) each has its own state and
+file, `hosts-<k>.json` for shard k; `read_snapshot` merges the files of the running
+`sluice run` into one view (`merge_snapshots`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +45,16 @@ from appliance.config import Config, DestinationConfig
 
 HOSTS_FILE = "hosts.json"
 SNAPSHOT_VERSION = 1
+# Counters summed over the delivery processes when their snapshots are merged.
+_SUMMED = ("active_connections", "connection_limit", "delivered", "deferred", "bounced")
+
+
+def hosts_file(shard: tuple[int, int] | None) -> str:
+    """The snapshot file of one delivery process: `hosts.json` when it is the only one,
+    `hosts-<k>.json` for shard k of several."""
+    if shard is None or shard[1] <= 1:
+        return HOSTS_FILE
+    return f"hosts-{shard[0]}.json"
 
 
 def iso(ts: float) -> str:
@@ -154,12 +167,15 @@ class Destinations:
         started: float,
         active: Callable[[str], int],
         pid: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
-        """`pid`: the `sluice run` process (the parent of the delivery process)."""
+        """`pid`: the `sluice run` process (the parent of the delivery process); `shard`:
+        (index, count) of the delivery process, None when it is the only one."""
         default = self._config.delivery.max_connections
         return {
             "version": SNAPSHOT_VERSION,
             "pid": pid if pid is not None else os.getpid(),
+            "shard": list(shard) if shard is not None else None,
             "started": iso(started),
             "updated": iso(now),
             "updated_ts": now,
@@ -170,27 +186,90 @@ class Destinations:
         }
 
 
-def write_snapshot(data_dir: Path, snapshot: Mapping[str, Any]) -> None:
-    """Replace <data_dir>/hosts.json atomically (temporary file, fsync-free rename)."""
+def write_snapshot(
+    data_dir: Path, snapshot: Mapping[str, Any], shard: tuple[int, int] | None = None
+) -> None:
+    """Replace the process's snapshot file (`hosts_file(shard)` in `data_dir`) atomically
+    (temporary file, fsync-free rename)."""
     data = json.dumps(snapshot, indent=1, ensure_ascii=False).encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=".hosts.", suffix=".tmp", dir=data_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, data_dir / HOSTS_FILE)
+        os.replace(tmp, data_dir / hosts_file(shard))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def read_snapshot(data_dir: Path) -> dict[str, Any] | None:
-    """The last published snapshot, or None when there is none (never started)."""
+def _read_one(path: Path) -> dict[str, Any] | None:
     try:
-        raw = (data_dir / HOSTS_FILE).read_bytes()
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return None  # replaced or removed between listing and reading
     doc = json.loads(raw)
     if not isinstance(doc, dict):
-        raise ValueError(f"{data_dir / HOSTS_FILE}: not a JSON object")
+        raise ValueError(f"{path}: not a JSON object")
     return doc
+
+
+def read_snapshot(data_dir: Path) -> dict[str, Any] | None:
+    """The last published state, or None when there is none (never started).
+
+    Every snapshot file (`hosts.json`, `hosts-<k>.json`) is read; those of the `sluice run`
+    (pid) that published last are merged, so files left by an earlier run with another
+    number of delivery processes are passed over."""
+    docs = []
+    for path in sorted(data_dir.glob("hosts*.json")):
+        if path.name == HOSTS_FILE or path.name.startswith("hosts-"):
+            doc = _read_one(path)
+            if doc is not None:
+                docs.append(doc)
+    if not docs:
+        return None
+    latest = max(docs, key=lambda d: float(d.get("updated_ts") or 0))
+    return merge_snapshots([d for d in docs if d.get("pid") == latest.get("pid")])
+
+
+def merge_snapshots(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One view of the snapshots of several delivery processes of one `sluice run`.
+
+    Per destination the counters, open connections and connection limits (each process
+    has its share) are summed; the latest reply (by time) is kept; the destination is
+    paused if any process paused it (until the latest end, with that reason), and its
+    consecutive failures are the most any process counted. `started` is the earliest
+    start, `updated` the latest snapshot."""
+    if len(snapshots) == 1:
+        return dict(snapshots[0])
+    first = snapshots[0]
+    rows: dict[str, dict[str, Any]] = {}
+    for snap in snapshots:
+        for domain, row in (snap.get("destinations") or {}).items():
+            merged = rows.get(domain)
+            if merged is None:
+                rows[domain] = dict(row)
+                continue
+            for key in _SUMMED:
+                if isinstance(row.get(key), int):
+                    merged[key] = (merged.get(key) or 0) + row[key]
+            if (row.get("last_reply_at") or "") > (merged.get("last_reply_at") or ""):
+                merged["last_reply"] = row.get("last_reply", "")
+                merged["last_reply_at"] = row["last_reply_at"]
+            merged["consecutive_failures"] = max(
+                merged.get("consecutive_failures") or 0, row.get("consecutive_failures") or 0
+            )
+            if (row.get("paused_until") or "") > (merged.get("paused_until") or ""):
+                merged["paused_until"] = row["paused_until"]
+                merged["pause_reason"] = row.get("pause_reason", "")
+    started = [s["started"] for s in snapshots if s.get("started")]
+    updated = max(snapshots, key=lambda s: float(s.get("updated_ts") or 0))
+    return {
+        "version": SNAPSHOT_VERSION,
+        "pid": first.get("pid"),
+        "shards": len(snapshots),
+        "started": min(started) if started else None,
+        "updated": updated.get("updated"),
+        "updated_ts": updated.get("updated_ts"),
+        "destinations": dict(sorted(rows.items())),
+    }

@@ -350,6 +350,7 @@ class DeliveryScheduler:
         connection_factory: Callable[[], SmtpConnection] = SmtpConnection,
         publish_interval: float = HOSTS_INTERVAL,
         server_pid: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self._queue = queue
         self._router = router
@@ -379,6 +380,9 @@ class DeliveryScheduler:
         # Named in hosts.json: the `sluice run` process (this one, or the parent of the
         # delivery process).
         self._server_pid = server_pid
+        # (index, count): this process delivers only the queue ids of its shard
+        # (`[delivery] processes`, appliance.queue.shard_of); None: all of them.
+        self._shard = shard
 
     @property
     def connections_opened(self) -> int:
@@ -435,13 +439,14 @@ class DeliveryScheduler:
 
     def hosts_snapshot(self) -> dict[str, Any]:
         return self.destinations.snapshot(
-            self._clock(), self._started, self._pool.open_for, self._server_pid
+            self._clock(), self._started, self._pool.open_for, self._server_pid, self._shard
         )
 
     def publish(self) -> None:
-        """Write <data_dir>/hosts.json now (also done every few seconds by `run()`)."""
+        """Write <data_dir>/hosts.json (hosts-<k>.json for shard k of several) now (also
+        done every few seconds by `run()`)."""
         try:
-            write_snapshot(self._config.data_dir, self.hosts_snapshot())
+            write_snapshot(self._config.data_dir, self.hosts_snapshot(), self._shard)
         except OSError as exc:
             log_event("hosts_snapshot_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -461,7 +466,7 @@ class DeliveryScheduler:
         started = 0
         # Records in flight are still due in the queue: the queue passes over them by key,
         # without decoding their envelopes again.
-        for record in self._queue.due(self._clock(), room, exclude=self._active):
+        for record in self._queue.due(self._clock(), room, exclude=self._active, shard=self._shard):
             if started >= room:
                 break
             if record.qid in self._active:
