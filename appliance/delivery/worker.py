@@ -16,6 +16,13 @@ The parent talks to it over one pipe, the child's stdin:
   scheduler also polls the queue's schedule, so a lost wake-up only delays mail;
 * end of file: the parent is gone. Delivery stops, as on SIGTERM.
 
+With `[delivery] processes = N` the parent starts N of them, each with its own pipe and
+`--shard K` (0 .. N-1) on its command line: process K delivers only the queue ids with
+`shard_of(qid, N) == K` (`Queue.due(shard=...)`), runs on its share of the outbound
+limits (`config.process_share`: connection limits divided by N, rates by N), keeps its
+own adaptive back-off state and publishes it as `hosts-K.json` (`sluice hosts` merges
+them). Wake-ups go to every process; each is restarted on its own when it dies.
+
 SIGTERM (sent by the parent once its listener has stopped) stops delivery: attempts in
 flight finish (up to the scheduler's grace), the queue is closed, the process exits 0.
 SIGHUP reopens the event log. SIGINT is ignored: a Ctrl-C in a terminal reaches the
@@ -39,7 +46,7 @@ import sys
 import uvloop
 
 from appliance import eventlog
-from appliance.config import Config
+from appliance.config import Config, process_share
 from appliance.delivery.routing import Router
 from appliance.delivery.scheduler import DeliveryScheduler
 from appliance.eventlog import log_event
@@ -81,14 +88,19 @@ def encode_config(config: Config) -> bytes:
     return len(data).to_bytes(8, "big") + data
 
 
-async def run(config: Config, wake_fd: int, parent: int) -> int:
+async def run(config: Config, wake_fd: int, parent: int, index: int = 0) -> int:
+    """Deliver shard `index` of `[delivery] processes` until SIGTERM or the parent's end."""
     loop = asyncio.get_running_loop()
+    count = config.delivery.processes
+    shard = (index, count) if count > 1 else None
+    config = process_share(config)
     try:
         queue = Queue(config.data_dir, durable=config.durable)
     except Exception as exc:  # lmdb.Error is not an OSError
-        log_event("delivery_error", error=f"cannot open the queue: {exc}")
+        log_event("delivery_error", shard=index, error=f"cannot open the queue: {exc}")
         return 1
-    scheduler = DeliveryScheduler(queue, Router(config), config, server_pid=parent)
+    scheduler = DeliveryScheduler(queue, Router(config), config, server_pid=parent, shard=shard)
+    log_event("delivery_started", pid=os.getpid(), shard=index, processes=count)
 
     def on_wake() -> None:
         try:
@@ -115,17 +127,15 @@ async def run(config: Config, wake_fd: int, parent: int) -> int:
     return 0
 
 
-class DeliveryProcess:
-    """The parent's handle on the delivery process: start, wake, stop, restart on a crash."""
+class _Child:
+    """One delivery process (shard `index`): start, wake, stop, restart on a crash."""
 
-    # Seconds before a delivery process that exited on its own is started again.
-    RESTART_DELAY = 1.0
-
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, index: int, restart_delay: float) -> None:
         self._config = config
+        self.index = index
+        self._restart_delay = restart_delay
         self._proc: asyncio.subprocess.Process | None = None
         self._wake_fd = -1
-        self._wake_due = False
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
         self.starts = 0
@@ -135,8 +145,6 @@ class DeliveryProcess:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
-        """Start the process and hand it the configuration; raises OSError if it cannot
-        be started at all."""
         await self._spawn()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -148,6 +156,8 @@ class DeliveryProcess:
                 sys.executable,
                 "-m",
                 "appliance.delivery.worker",
+                "--shard",
+                str(self.index),
                 stdin=read_end,
                 env=env,
             )
@@ -163,14 +173,7 @@ class DeliveryProcess:
         os.set_blocking(write_end, False)
         self._wake_fd = write_end
 
-    def notify(self) -> None:
-        """New mail was queued: wake the scheduler (one write per loop iteration at most)."""
-        if not self._wake_due and self._wake_fd >= 0:
-            self._wake_due = True
-            asyncio.get_running_loop().call_soon(self._send_wake)
-
-    def _send_wake(self) -> None:
-        self._wake_due = False
+    def wake(self) -> None:
         if self._wake_fd < 0:
             return
         try:
@@ -192,32 +195,38 @@ class DeliveryProcess:
             self._close_pipe()
             if self._stopping:
                 return
-            log_event("delivery_exited", pid=self._proc.pid, status=code, action="restart")
-            await asyncio.sleep(self.RESTART_DELAY)
+            log_event(
+                "delivery_exited",
+                pid=self._proc.pid,
+                shard=self.index,
+                status=code,
+                action="restart",
+            )
+            await asyncio.sleep(self._restart_delay)
             if self._stopping:
                 return
             try:
                 await self._spawn()
             except OSError as exc:
-                log_event("delivery_error", error=f"cannot start delivery: {exc}")
+                log_event("delivery_error", shard=self.index, error=f"cannot start delivery: {exc}")
                 return
 
     def reopen_log(self) -> None:
-        """Pass SIGHUP on, so the delivery process reopens the event log too."""
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
 
-    async def stop(self) -> int | None:
-        """SIGTERM, then wait until it has exited (its attempts in flight finish first,
-        bounded by the scheduler's own grace). Returns its exit status."""
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM); it is not restarted after this."""
         self._stopping = True
         proc = self._proc
-        if proc is None:
-            return None
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        code = await proc.wait()
+
+    async def wait(self) -> int | None:
+        """After `terminate()`: wait until it has exited; returns its exit status."""
+        proc = self._proc
+        code = await proc.wait() if proc is not None else None
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -226,17 +235,96 @@ class DeliveryProcess:
         return code
 
 
+class DeliveryProcess:
+    """The parent's handle on the delivery processes (`[delivery] processes`, one per
+    shard of the queue): start, wake, stop, restart each on its own after a crash."""
+
+    # Seconds before a delivery process that exited on its own is started again.
+    RESTART_DELAY = 1.0
+
+    def __init__(self, config: Config) -> None:
+        self._children = [
+            _Child(config, index, self.RESTART_DELAY) for index in range(config.delivery.processes)
+        ]
+        self._wake_due = False
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The current pid of each delivery process, by shard."""
+        return [child.pid for child in self._children]
+
+    @property
+    def starts(self) -> int:
+        return sum(child.starts for child in self._children)
+
+    async def start(self) -> None:
+        """Start the processes and hand each the configuration; raises OSError if one
+        cannot be started at all (those already started are stopped again)."""
+        started: list[_Child] = []
+        try:
+            for child in self._children:
+                await child.start()
+                started.append(child)
+        except BaseException:
+            for child in started:
+                child.terminate()
+            for child in started:
+                await child.wait()
+            raise
+
+    def notify(self) -> None:
+        """New mail was queued: wake every scheduler (at most one write to each per loop
+        iteration)."""
+        if not self._wake_due:
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_due = False
+        for child in self._children:
+            child.wake()
+
+    def reopen_log(self) -> None:
+        """Pass SIGHUP on, so the delivery processes reopen the event log too."""
+        for child in self._children:
+            child.reopen_log()
+
+    async def stop(self) -> int | None:
+        """SIGTERM to every process, then wait until all have exited (their attempts in
+        flight finish first, bounded by the scheduler's own grace). Returns the first
+        non-zero exit status, else 0 (None if none was ever started)."""
+        for child in self._children:
+            child.terminate()
+        codes = [await child.wait() for child in self._children]
+        known = [code for code in codes if code is not None]
+        if not known:
+            return None
+        return next((code for code in known if code != 0), 0)
+
+
+def _shard_index(argv: list[str]) -> int:
+    """`--shard K` (the parent passes it; 0 without it)."""
+    if len(argv) == 2 and argv[0] == "--shard" and argv[1].isdigit():
+        return int(argv[1])
+    if not argv:
+        return 0
+    raise SystemExit(f"usage: python -m appliance.delivery.worker [--shard K], got {argv}")
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = int(os.environ.get("SLUICE_PARENT_PID", "0")) or os.getppid()
     _die_with_parent(parent)
+    index = _shard_index(sys.argv[1:])
     wake_fd = sys.stdin.fileno()
     try:
         config = read_config(wake_fd)
     except EOFError:
         return 0
+    if index >= config.delivery.processes:
+        raise SystemExit(f"--shard {index}: only {config.delivery.processes} processes")
     eventlog.configure(config.log_file)
-    return uvloop.run(run(config, wake_fd, parent))
+    return uvloop.run(run(config, wake_fd, parent, index))
 
 
 if __name__ == "__main__":
