@@ -41,6 +41,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,12 @@ def _next_attempt_of(raw: bytes) -> float | None:
     return float(value)
 
 
+def shard_of(qid: str, count: int) -> int:
+    """The delivery shard (0 .. count-1) a queue id belongs to: a hash of the id, so the
+    shards are even whatever the ids look like, and stable across restarts."""
+    return zlib.crc32(qid.encode("ascii", "replace")) % count
+
+
 def _qid_key(qid: str) -> bytes:
     # Checked before the operation joins a batch: a key LMDB refuses (over 511 bytes)
     # would otherwise fail the whole transaction and every message sharing it.
@@ -314,10 +321,17 @@ class Queue:
         durable: bool = True,
         clock: Callable[[], float] = time.time,
         readonly: bool = False,
+        metasync: bool | None = None,
     ) -> None:
         """Open (creating unless `readonly`) the queue under `data_dir/queue`.
 
         `durable=False` skips fsync: for tests and benchmarks only, never production.
+        `metasync=False` (LMDB's MDB_NOMETASYNC; default: as `durable`) syncs the data
+        of each commit but not the meta page that publishes it: one fsync per commit
+        instead of two. LMDB keeps the database intact; a system crash may undo the
+        last commit. The delivery process opens the queue so: what it writes are
+        outcomes, and an undone outcome means a message is delivered again
+        (at-least-once), never lost. The listener keeps full sync, as the 250 requires.
         `readonly=True` is for inspection from another process (`sluice queue`); it raises
         FileNotFoundError when there is no queue yet and never writes, so corrupt records
         are skipped rather than quarantined.
@@ -345,7 +359,7 @@ class Queue:
                 readonly=readonly,
                 lock=True,
                 sync=durable,
-                metasync=durable,
+                metasync=durable if metasync is None else (durable and metasync),
                 # Bodies are read at random; readahead only pollutes the page cache.
                 readahead=False,
             )
@@ -395,9 +409,15 @@ class Queue:
         sched = None if record.done() else _schedule_key(_ms(record.next_attempt), qid)
         await self._run(_Op("update", qid, envelope=encode_record(record), sched=sched))
 
-    async def remove(self, qid: str) -> None:
-        """Delete the envelope, the body and the schedule entry of a finished message."""
-        await self._run(_Op("remove", _qid_key(qid)))
+    async def remove(self, qid: str, scheduled_at: float | None = None) -> None:
+        """Delete the envelope, the body and the schedule entry of a finished message.
+
+        `scheduled_at`, the record's `next_attempt` as the caller read it, names the
+        schedule entry so the writer need not read and decode the envelope to find it.
+        """
+        key = _qid_key(qid)
+        sched = None if scheduled_at is None else _schedule_key(_ms(scheduled_at), key)
+        await self._run(_Op("remove", key, sched=sched))
 
     async def _run(self, op: _Op) -> None:
         loop = asyncio.get_running_loop()
@@ -474,7 +494,9 @@ class Queue:
             if op.sched is not None:
                 txn.put(op.sched, b"", db=self._schedule)
         elif op.kind == "remove":
-            self._unindex(txn, qid)
+            # The entry the caller named, if it is still there; else look it up.
+            if op.sched is None or not txn.delete(op.sched, db=self._schedule):
+                self._unindex(txn, qid)
             txn.delete(qid, db=self._messages)
             txn.delete(qid, db=self._bodies)
         elif op.kind == "quarantine":
@@ -555,12 +577,19 @@ class Queue:
 
     # -- reads (any thread; each in its own read transaction) ----------------------------
 
-    def due(self, now: float, limit: int, exclude: Container[str] = ()) -> list[MessageRecord]:
+    def due(
+        self,
+        now: float,
+        limit: int,
+        exclude: Container[str] = (),
+        shard: tuple[int, int] | None = None,
+    ) -> list[MessageRecord]:
         """Messages whose next attempt is at or before `now`, oldest first, at most `limit`.
 
         Queue ids in `exclude` (attempts already in flight) are passed over by their
         schedule key alone, before their envelope is read or decoded, and do not count
-        towards `limit`.
+        towards `limit`. `shard=(index, count)` keeps only the queue ids for which
+        `shard_of(qid, count) == index` (each delivery process takes one shard).
         """
         now_ms = _ms(now)
         out: list[MessageRecord] = []
@@ -569,6 +598,8 @@ class Queue:
                 if len(out) >= limit or int.from_bytes(key[:8], "big") > now_ms:
                     break
                 qid = bytes(key[8:])
+                if shard is not None and zlib.crc32(qid) % shard[1] != shard[0]:
+                    continue
                 if exclude and qid.decode("ascii", "replace") in exclude:
                     continue
                 raw = txn.get(qid, db=self._messages)
