@@ -101,8 +101,11 @@ class _Waiter:
     future: asyncio.Future[SmtpConnection | None]
 
 
-# Message bytes that attempts in flight may hold at once (see _dispatch).
-MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+# Message bytes that attempts in flight may hold at once (see _dispatch). Each attempt
+# holds its body and a dot-stuffed copy while sending, so memory is about twice this.
+# 16 MiB keeps 16 one-MiB messages moving at once, plenty to fill a link; small mail is
+# bounded by the window instead.
+MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 
 # How soon to look at the queue again when mail is overdue but every due message seemed
 # to be in flight (seconds).
@@ -358,6 +361,8 @@ class DeliveryScheduler:
         self._clock = clock
         self._sleep = sleep
         self._window = window
+        # Dispatch again once a quarter of the window is free (at once for small windows).
+        self._refill_at = window - max(1, window // 4)
         self._max_bytes_in_flight = max_bytes_in_flight
         self._sizes: dict[str, int] = {}
         self._bytes_in_flight = 0
@@ -487,7 +492,11 @@ class DeliveryScheduler:
     def _finished(self, qid: str, _task: asyncio.Task[None]) -> None:
         self._active.pop(qid, None)
         self._bytes_in_flight -= self._sizes.pop(qid, 0)
-        self._wake.set()
+        # Refill in batches: every dispatch walks the schedule past the attempts still in
+        # flight, so waking per finished attempt with a full window costs O(window) each
+        # time (a tenth of the delivery process's CPU in a 20,000-message drain).
+        if len(self._active) <= self._refill_at:
+            self._wake.set()
 
     async def _wait(self) -> None:
         if self._wake.is_set():
@@ -535,6 +544,7 @@ class DeliveryScheduler:
         return self._config.profile(override or record.bounce_profile)
 
     async def _deliver_message(self, record: MessageRecord) -> None:
+        scheduled_at = record.next_attempt  # names its schedule entry for remove()
         try:
             body = self._queue.body(record.qid)
         except KeyError:
@@ -603,7 +613,7 @@ class DeliveryScheduler:
         if attempt.relayed:
             await self._report(record, attempt.relayed, body, now, "relayed")
         if record.done():
-            await self._queue.remove(record.qid)
+            await self._queue.remove(record.qid, scheduled_at=scheduled_at)
         else:
             await self._queue.update(record)
 

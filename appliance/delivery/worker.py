@@ -95,7 +95,8 @@ async def run(config: Config, wake_fd: int, parent: int, index: int = 0) -> int:
     shard = (index, count) if count > 1 else None
     config = process_share(config)
     try:
-        queue = Queue(config.data_dir, durable=config.durable)
+        # Outcomes need not survive a power cut to keep mail safe (Queue's docstring).
+        queue = Queue(config.data_dir, durable=config.durable, metasync=False)
     except Exception as exc:  # lmdb.Error is not an OSError
         log_event("delivery_error", shard=index, error=f"cannot open the queue: {exc}")
         return 1
