@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from appliance.delivery.smtp_client import (
+    DeliveryResult,
     SmtpConnectError,
     SmtpConnection,
     Timeouts,
@@ -327,3 +328,118 @@ async def test_pipelined_server_that_wants_a_body_nobody_gets() -> None:
 
     rec = await with_recorder(test, script)
     assert b"..x" not in bytes(rec.received)  # the body itself was never sent
+
+
+# -- timeouts: the connection's watchdog ---------------------------------------------------
+
+
+async def send(conn: SmtpConnection, body: bytes) -> DeliveryResult:
+    # Bounded here so that a broken watchdog fails the test instead of hanging it.
+    return await conn.send("a@example.org", ["x@example.net"], body)
+
+
+async def start_stalling_server(
+    stall_on: str, *, read_after_stall: bool = True
+) -> tuple[str, int, asyncio.Server]:
+    """A next hop that answers normally until a command starting with `stall_on`, then
+    says nothing more (and, unless `read_after_stall`, stops reading too)."""
+    (host,) = loopback_hosts(1)
+    port = free_port(host)
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 staller ESMTP\r\n")
+        while line := await reader.readline():
+            command = line.decode(errors="replace").rstrip("\r\n")
+            if command.upper().startswith(stall_on):
+                if not read_after_stall:
+                    await asyncio.sleep(3600)
+                while await reader.read(65536):
+                    pass  # swallow everything, answer nothing
+                break
+            reply = default_script(command).replace("PIPELINING\r\n250-", "")
+            writer.write(reply.encode() + b"\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(session, host, port)
+    return host, port, server
+
+
+async def test_silent_next_hop_times_out_with_a_temporary_reply() -> None:
+    host, port, server = await start_stalling_server("RCPT")
+    async with server:
+        conn = SmtpConnection()
+        await conn.connect(host, port, "mta.test", Timeouts(connect=3, command=0.5, data=5))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await asyncio.wait_for(send(conn, BODY), 10)
+        waited = loop.time() - started
+        reply = result.recipients[0]
+        assert (reply.code, reply.enhanced) == (451, "4.4.2")
+        assert reply.text == "timeout waiting for next hop reply"
+        assert result.session_lost and not conn.usable
+        assert 0.4 < waited < 3.0, waited
+
+
+async def test_next_hop_that_stops_reading_times_out_while_sending() -> None:
+    host, port, server = await start_stalling_server("DATA", read_after_stall=False)
+
+    def answers_data(command: str) -> str:
+        if command.startswith("EHLO"):
+            return "250-x\r\n250 8BITMIME"  # no SIZE limit, no PIPELINING
+        return "354 go ahead" if command.startswith("DATA") else default_script(command)
+
+    async with server:
+        conn = SmtpConnection()
+        await conn.connect(host, port, "mta.test", Timeouts(connect=3, command=5, data=0.5))
+        # The stalling server never answers DATA: send() times out waiting for the 354.
+        result = await asyncio.wait_for(send(conn, BODY), 10)
+        assert result.recipients[0].text == "timeout waiting for next hop reply"
+    # A hop that takes DATA but stops reading: the body write itself must time out.
+    (rec_host,) = loopback_hosts(1)
+    rec_port = free_port(rec_host)
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 x\r\n")
+        while line := await reader.readline():
+            reply = answers_data(line.decode().rstrip("\r\n"))
+            writer.write(reply.encode() + b"\r\n")
+            await writer.drain()
+            if reply.startswith("354"):
+                await asyncio.sleep(3600)  # never read the body
+
+    server = await asyncio.start_server(session, rec_host, rec_port)
+    async with server:
+        conn = SmtpConnection()
+        await conn.connect(rec_host, rec_port, "mta.test", Timeouts(connect=3, command=5, data=0.5))
+        big = b"x" * 998 + b"\r\n"
+        result = await asyncio.wait_for(send(conn, big * 40_000), 10)
+        assert result.recipients[0].text == "timeout sending to next hop"
+        assert result.session_lost
+
+
+async def test_a_short_deadline_is_kept_after_a_longer_one() -> None:
+    """The watchdog armed for a long exchange must not delay a shorter one's timeout."""
+    host, port, server = await start_stalling_server("RCPT")
+    async with server:
+        conn = SmtpConnection()
+        await conn.connect(host, port, "mta.test", Timeouts(connect=3, command=30, data=30))
+        conn._arm(30)  # as if a long exchange had just run
+        conn._disarm()
+        conn._timeouts = Timeouts(connect=3, command=0.5, data=30)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await asyncio.wait_for(send(conn, BODY), 10)
+        assert result.recipients[0].text == "timeout waiting for next hop reply"
+        assert loop.time() - started < 3.0
+
+
+async def test_idle_pooled_connection_is_not_cut_by_the_watchdog() -> None:
+    async def test(rec: Recorder, conn: SmtpConnection) -> None:
+        conn._timeouts = Timeouts(connect=3, command=0.3, data=0.3)
+        assert (await conn.send("a@example.org", ["x@example.net"], BODY)).recipients[0].positive
+        await asyncio.sleep(0.8)  # idle well past the command timeout
+        assert conn.usable
+        assert (await conn.send("a@example.org", ["y@example.net"], BODY)).recipients[0].positive
+
+    await with_recorder(test)

@@ -30,8 +30,10 @@ caller defers them and tries again later, never bounces them.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import ssl
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,8 @@ MAX_RCPT_PER_TRANSACTION = 100
 # RFC 3463 section 2:  status-code = class "." subject "." detail
 #   class = "2" / "4" / "5";  subject = 1*3digit;  detail = 1*3digit
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)", re.ASCII)
+# Outside a quoted local part: no angle brackets, spaces or control characters.
+_UNQUOTED_FORBIDDEN = re.compile(r"[<> \x00-\x1f\x7f]")
 _FORBIDDEN_IN_COMMAND = re.compile(r"[\r\n\x00]")
 # Lines of the body that begin with "." (RFC 5321 4.5.2); the first line is handled apart.
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -224,7 +228,7 @@ def address_ok(address: str) -> bool:
         rest = address[m.end() :]
         if not rest.startswith("@"):
             return False
-    return not any(c in "<> " or ord(c) < 32 or ord(c) == 127 for c in rest)
+    return _UNQUOTED_FORBIDDEN.search(rest) is None
 
 
 def xtext(value: str) -> str:
@@ -282,6 +286,17 @@ class SmtpConnection:
         self.tls_fallback = False
         self._last_raw: list[bytes] = []  # the lines of the last reply (EHLO keywords)
         self._sending = False  # what a _Deadline that runs out was waiting for
+        # Bytes read but not yet parsed, and replies parsed but not yet consumed (with
+        # their raw lines): pipelined replies arrive together and are read in one go.
+        self._inbuf = b""
+        # A malformed reply is queued as its error, raised only when its turn comes
+        # (what follows a STARTTLS 220 may be the start of a broken handshake).
+        self._replies: deque[tuple[Reply | _SessionLost, list[bytes]]] = deque()
+        # The watchdog (see _arm): when the current exchange must be over, and the one
+        # timer per connection that checks it.
+        self._deadline = math.inf
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         # A transaction was opened (MAIL accepted) and not finished by a final reply.
         self._dirty = False
 
@@ -344,6 +359,10 @@ class SmtpConnection:
                     local_reply(451, "4.7.5", f"TLS required but {where} refused STARTTLS"),
                 )
             return greeting  # the session is still in plain text and usable
+        # RFC 3207 section 4.2: anything the server sent after its 220 is not to be
+        # trusted (a response injected in clear text before the handshake): drop it.
+        self._inbuf = b""
+        self._replies.clear()
         error = await self._handshake(context, tls_name or host, timeouts)
         if error is None:
             try:
@@ -401,6 +420,8 @@ class SmtpConnection:
             raise ValueError(f"invalid HELO name {helo_name!r}")
         self.host, self.port, self._timeouts = host, port, timeouts
         self.extensions, self.esmtp, self.tls = {}, False, ""
+        self._inbuf, self._timed_out = b"", False
+        self._replies.clear()
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             async with asyncio.timeout(timeouts.connect):
@@ -465,6 +486,10 @@ class SmtpConnection:
             self._writer.close()
         self._writer = None
         self._reader = None
+        self._deadline = math.inf
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     # -- mail transaction ------------------------------------------------------------------
 
@@ -667,66 +692,131 @@ class SmtpConnection:
         """Write `data`; bounded by the caller's _Deadline, not by a timeout of its own."""
         writer = self._writer
         if writer is None or writer.is_closing():
-            raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+            raise self._lost("connection already closed")
         self._sending = True
         try:
             writer.write(data)
             await writer.drain()
         except OSError as exc:
-            raise _SessionLost(
-                local_reply(451, "4.4.2", f"connection lost: {exc.strerror or exc}")
-            ) from None
+            raise self._lost(f"connection lost: {exc.strerror or exc}") from None
+        if writer.transport.is_closing():
+            # drain() returns quietly when the transport was aborted under it (the
+            # watchdog does that): the write did not complete.
+            raise self._lost("connection lost while sending")
         self._sending = False
 
     async def _receive(self) -> Reply:
-        """Read one reply; bounded by the caller's _Deadline, not by a timeout of its own."""
-        reader = self._reader
-        if reader is None:
-            raise _SessionLost(local_reply(451, "4.4.2", "connection already closed"))
+        """Read one reply; bounded by the caller's _Deadline, not by a timeout of its own.
+
+        Reads whatever the server has sent (the replies to a pipelined group usually
+        come in one segment) and parses every complete reply in it; the next calls take
+        the rest without reading again.
+        """
         self._sending = False
-        raw: list[bytes] = []
-        try:
-            while True:
-                line = await reader.readline()
-                if not line.endswith(b"\n"):
-                    raise _SessionLost(local_reply(451, "4.4.2", "connection closed by next hop"))
-                raw.append(line)
-                if line[3:4] != b"-" or len(raw) >= _MAX_REPLY_LINES:
-                    break
-        except (OSError, ValueError) as exc:
-            # ValueError: a reply line longer than the stream limit.
-            raise _SessionLost(local_reply(451, "4.4.2", f"connection lost: {exc}")) from None
-        try:
-            reply = parse_reply(raw)
-        except ValueError as exc:
-            raise _SessionLost(local_reply(451, "4.5.0", f"protocol error: {exc}")) from None
-        self._last_raw = raw
+        while not self._replies:
+            reader = self._reader
+            if reader is None:
+                raise self._lost("connection already closed")
+            try:
+                data = await reader.read(_READ_LIMIT)
+            except OSError as exc:
+                raise self._lost(f"connection lost: {exc}") from None
+            if not data:
+                raise self._lost("connection closed by next hop")
+            self._inbuf += data
+            self._split_replies()
+        reply, self._last_raw = self._replies.popleft()
+        if isinstance(reply, _SessionLost):
+            raise reply
         if reply.code == 421:
             # RFC 5321 3.8: the server is closing the channel; everything after is lost.
             raise _SessionLost(reply)
         return reply
 
+    def _split_replies(self) -> None:
+        """Move every complete reply from the input buffer to the reply queue."""
+        buf = self._inbuf
+        start = pos = 0  # start of the reply being collected; start of the next line
+        lines: list[bytes] = []
+        while (end := buf.find(b"\n", pos)) >= 0:
+            line = buf[pos : end + 1]
+            pos = end + 1
+            lines.append(line)
+            if line[3:4] == b"-" and len(lines) < _MAX_REPLY_LINES:
+                continue  # a continuation line: the reply goes on
+            try:
+                self._replies.append((parse_reply(lines), lines))
+            except ValueError as exc:
+                lost = _SessionLost(local_reply(451, "4.5.0", f"protocol error: {exc}"))
+                self._replies.append((lost, lines))
+                self._inbuf = b""
+                return  # nothing after a malformed reply can be trusted
+            lines = []
+            start = pos
+        self._inbuf = buf[start:]
+        if len(self._inbuf) > _READ_LIMIT:
+            raise _SessionLost(local_reply(451, "4.4.2", "connection lost: reply too long"))
+
+    def _lost(self, text: str) -> _SessionLost:
+        """The connection is gone: say why, or that the watchdog cut it (a timeout)."""
+        if self._timed_out:
+            text = (
+                "timeout sending to next hop"
+                if self._sending
+                else "timeout waiting for next hop reply"
+            )
+        return _SessionLost(local_reply(451, "4.4.2", text))
+
+    # -- the watchdog ----------------------------------------------------------------------
+    #
+    # One timer per connection instead of an asyncio.timeout per exchange (those were a
+    # visible share of the delivery process's CPU): an exchange only moves `_deadline`;
+    # the timer, when it fires early, re-arms itself at the current deadline, and once
+    # the deadline has passed it aborts the transport. That ends the pending read or
+    # write, and `_lost` reports a timeout.
+
+    def _arm(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog.when() > self._deadline:
+            watchdog.cancel()  # armed for a longer exchange: this one must end sooner
+            watchdog = None
+        if watchdog is None:
+            self._watchdog = loop.call_at(self._deadline, self._check_deadline)
+
+    def _disarm(self) -> None:
+        self._deadline = math.inf
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if self._deadline == math.inf or self._writer is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._watchdog = loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._timed_out = True
+        self._writer.transport.abort()
+
 
 class _Deadline:
-    """One asyncio timeout over several writes and replies of a connection.
+    """The time limit of one exchange (several writes and replies) on a connection.
 
     `progress()` after each step gives the next step `seconds` again, as a timeout per
-    command would; the timer is only moved when the step took over a second, so a fast
-    next hop costs one timer per exchange rather than one per command. When it runs
-    out, the connection is lost with a reply saying whether we were sending or waiting.
+    command would. The connection's watchdog enforces it (SmtpConnection._arm); when it
+    runs out, the pending read or write fails and the connection is lost with a reply
+    saying whether we were sending or waiting.
     """
 
-    __slots__ = ("_conn", "_loop", "_seconds", "_set_at", "_timeout")
+    __slots__ = ("_conn", "_seconds")
 
     def __init__(self, conn: SmtpConnection, seconds: float) -> None:
         self._conn = conn
         self._seconds = seconds
-        self._loop = asyncio.get_running_loop()
-        self._set_at = self._loop.time()
-        self._timeout = asyncio.timeout_at(self._set_at + seconds)
 
     async def __aenter__(self) -> _Deadline:
-        await self._timeout.__aenter__()
+        self._conn._arm(self._seconds)
         return self
 
     async def __aexit__(
@@ -735,17 +825,7 @@ class _Deadline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            await self._timeout.__aexit__(exc_type, exc, tb)
-        except TimeoutError:
-            if self._conn._sending:
-                text = "timeout sending to next hop"
-            else:
-                text = "timeout waiting for next hop reply"
-            raise _SessionLost(local_reply(451, "4.4.2", text)) from None
+        self._conn._disarm()
 
     def progress(self) -> None:
-        now = self._loop.time()
-        if now - self._set_at > 1.0:
-            self._set_at = now
-            self._timeout.reschedule(now + self._seconds)
+        self._conn._arm(self._seconds)
