@@ -12,6 +12,8 @@ destination_recovered, shutdown, startup.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import sys
 import threading
@@ -21,11 +23,15 @@ from typing import IO, Any
 _lock = threading.Lock()
 _stream: IO[str] = sys.stderr
 _path: str | None = None
+# Lines of the current loop iteration, written together by flush().
+_lines: list[str] = []
+_flush_scheduled = False
 
 
 def configure(path: str | None) -> None:
     """Send event lines to `path` (appended, line-buffered), or to stderr when None."""
     global _stream, _path
+    flush()
     _stream = open(path, "a", buffering=1, encoding="utf-8") if path else sys.stderr
     _path = path
 
@@ -66,10 +72,42 @@ def _timestamp(now: float) -> str:
 
 
 def log_event(event: str, **fields: Any) -> None:
-    """Write one event line. Field values must be JSON-serialisable (str, int, list, ...)."""
+    """Write one event line. Field values must be JSON-serialisable (str, int, list, ...).
+
+    On an event loop thread the line is written at the end of the current loop iteration,
+    together with the others of that iteration (one write(2) instead of one per line);
+    anywhere else at once. Either way it reaches the kernel before anything the loop does
+    next, such as sending the reply the line is about.
+    """
+    global _flush_scheduled
     # `ts` and `event` are plain ASCII we made: no escaping needed for them.
     head = f'{{"ts":"{_timestamp(time.time())}","event":{_encode(event)}'
     line = f"{head},{_encode(fields)[1:]}\n" if fields else head + "}\n"
+    loop = asyncio._get_running_loop()
     with _lock:
-        _stream.write(line)
+        _lines.append(line)
+        if loop is None:
+            _write_pending()
+        elif not _flush_scheduled:
+            _flush_scheduled = True
+            loop.call_soon(flush)
+
+
+def flush() -> None:
+    """Write out lines buffered by log_event() (also run at exit)."""
+    global _flush_scheduled
+    with _lock:
+        _flush_scheduled = False
+        _write_pending()
+
+
+def _write_pending() -> None:
+    # Called with _lock held.
+    if _lines:
+        text = "".join(_lines)
+        _lines.clear()
+        _stream.write(text)
         _stream.flush()
+
+
+atexit.register(flush)

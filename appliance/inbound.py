@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from appliance import trace
+from appliance import eventlog, trace
 from appliance.bounce_intake import BounceIntake
 from appliance.eventlog import log_event
 from appliance.policy import Policy, PolicyResult, Verdict
@@ -259,6 +259,8 @@ class Inbound:
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._ready:
+            # The lines about these answers (refusals, accepted) go out before them.
+            eventlog.flush()
             ready, self._ready = self._ready, []
             self._server.answer(ready)
 
