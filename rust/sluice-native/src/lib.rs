@@ -355,7 +355,7 @@ impl Server {
             .collect()
     }
 
-    fn answer(&self, py: Python<'_>, verdicts: Vec<(u64, u16, String, String)>) -> PyResult<()> {
+    fn answer(&self, verdicts: Vec<(u64, u16, String, String)>) -> PyResult<()> {
         let mut replies = Vec::with_capacity(verdicts.len());
         for (id, code, enhanced, text) in verdicts {
             if !(200..600).contains(&code) {
@@ -365,10 +365,11 @@ impl Server {
             }
             replies.push((id, Reply::new(code, &enhanced, &text)));
         }
-        // Handing each reply to its session wakes I/O threads (futex calls): done without
-        // the GIL, so Python keeps running meanwhile.
-        let shared = Arc::clone(&self.shared);
-        py.detach(move || shared.bridge.answer(replies));
+        // Handing each reply to its session is a oneshot send and perhaps a futex wake:
+        // microseconds. Done with the GIL held on purpose: releasing it here would let
+        // the queue's writer thread take it, and getting it back can cost the loop up to
+        // a switch interval (the GIL ping-pong that py-spy showed on this line).
+        self.shared.bridge.answer(replies);
         Ok(())
     }
 
