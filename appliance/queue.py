@@ -624,13 +624,14 @@ class Queue:
                 self._pending.append(op)
                 self._cond.notify()
 
-    def next_due_time(self) -> float | None:
-        """The earliest scheduled attempt (seconds since the epoch), or None if none."""
+    def next_due_time(self, shard: tuple[int, int] | None = None) -> float | None:
+        """The earliest scheduled attempt (seconds since the epoch), or None if none;
+        with `shard`, the earliest of that shard's queue ids (as in `due`)."""
         with self._env.begin() as txn:
-            cursor = txn.cursor(db=self._schedule)
-            if not cursor.first():
-                return None
-            return int.from_bytes(cursor.key()[:8], "big") / 1000.0
+            for key in txn.cursor(db=self._schedule).iternext(keys=True, values=False):
+                if shard is None or zlib.crc32(key[8:]) % shard[1] == shard[0]:
+                    return int.from_bytes(key[:8], "big") / 1000.0
+            return None
 
     def get(self, qid: str) -> MessageRecord | None:
         if not qid.isascii():

@@ -24,6 +24,7 @@ from appliance.queue import (
     decode_record,
     encode_record,
     new_queue_id,
+    shard_of,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -345,3 +346,21 @@ def test_kill_9_loses_no_acknowledged_message(tmp_path: Path) -> None:
         await q.close()
 
     run(check())
+
+
+def test_due_and_next_due_time_keep_to_a_shard(tmp_path: Path) -> None:
+    async def main() -> None:
+        q = Queue(tmp_path, durable=False)
+        recs = [make_record(next_attempt=float(100 + i)) for i in range(40)]
+        for r in recs:
+            await q.submit(r, b"body")
+        for index in (0, 1):
+            mine = [r for r in recs if shard_of(r.qid, 2) == index]
+            assert mine, "40 random ids all in one shard"
+            due = q.due(1000.0, 100, shard=(index, 2))
+            assert [r.qid for r in due] == [r.qid for r in mine]
+            assert q.next_due_time(shard=(index, 2)) == mine[0].next_attempt
+        assert q.next_due_time() == 100.0
+        await q.close()
+
+    run(main())

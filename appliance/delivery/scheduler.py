@@ -504,7 +504,7 @@ class DeliveryScheduler:
             return
         timeout: float | None = None
         if len(self._active) < self._window:
-            next_due = self._queue.next_due_time()
+            next_due = self._queue.next_due_time(self._shard)
             if next_due is not None:
                 timeout = next_due - self._clock()
                 if timeout <= 0:
