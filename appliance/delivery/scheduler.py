@@ -107,6 +107,10 @@ class _Waiter:
 # bounded by the window instead.
 MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 
+# The shortest time between two dispatch rounds (seconds): new mail waits at most this
+# long before its first attempt starts.
+DISPATCH_INTERVAL = 0.01
+
 # How soon to look at the queue again when mail is overdue but every due message seemed
 # to be in flight (seconds).
 DUE_RECHECK = 1.0
@@ -409,10 +413,18 @@ class DeliveryScheduler:
         """Deliver until `stop()`; then let attempts in flight finish (or cancel them
         after SHUTDOWN_GRACE seconds) and close idle connections."""
         publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+        loop = asyncio.get_running_loop()
         try:
             while not self._stopping:
+                round_started = loop.time()
                 self._dispatch()
                 await self._wait()
+                # Under load wake-ups (mail queued, attempts finished) come many per
+                # millisecond, and each round walks the schedule and sets up its waits:
+                # take them together, at most one round per DISPATCH_INTERVAL.
+                pause = round_started + DISPATCH_INTERVAL - loop.time()
+                if pause > 0 and not self._stopping:
+                    await asyncio.sleep(pause)
         finally:
             tasks = list(self._active.values())
             if tasks:

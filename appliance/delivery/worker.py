@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import pickle
 import signal
@@ -54,6 +55,9 @@ from appliance.queue import Queue
 
 _PR_SET_PDEATHSIG = 1
 WAKE = b"w"
+# The shortest time between two wake-ups of the delivery processes (seconds), as the
+# scheduler's DISPATCH_INTERVAL: new mail waits at most this long for its first attempt.
+WAKE_INTERVAL = 0.01
 
 
 def _die_with_parent(parent: int) -> None:
@@ -248,6 +252,7 @@ class DeliveryProcess:
             _Child(config, index, self.RESTART_DELAY) for index in range(config.delivery.processes)
         ]
         self._wake_due = False
+        self._last_wake = -math.inf
 
     @property
     def pids(self) -> list[int | None]:
@@ -274,14 +279,17 @@ class DeliveryProcess:
             raise
 
     def notify(self) -> None:
-        """New mail was queued: wake every scheduler (at most one write to each per loop
-        iteration)."""
+        """New mail was queued: wake every scheduler, at once after a quiet spell, else
+        at most once per WAKE_INTERVAL (under load a wake-up per loop iteration cost each
+        delivery process more than its share of the mail)."""
         if not self._wake_due:
             self._wake_due = True
-            asyncio.get_running_loop().call_soon(self._send_wake)
+            loop = asyncio.get_running_loop()
+            loop.call_at(max(loop.time(), self._last_wake + WAKE_INTERVAL), self._send_wake)
 
     def _send_wake(self) -> None:
         self._wake_due = False
+        self._last_wake = asyncio.get_running_loop().time()
         for child in self._children:
             child.wake()
 
