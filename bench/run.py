@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -78,6 +79,8 @@ LABELS = {
     "sink": "smtp-sink",
 }
 SLUICE_KEYS = ("sluice", "sluice_nofsync")
+# Scenario 5 runs Sluice in two configurations.
+DRAIN_LABELS = {"sluice": "Sluice 1 proc", "sluice_2proc": "Sluice 2 procs"}
 
 # Targets (ratios within the same run).
 TARGET_VS_POSTFIX = 5.0
@@ -426,19 +429,24 @@ def drain_table(workdir: Path, opts: Options) -> Table:
     table = Table(5, f"outbound drain: {n} queued 4 KiB messages to an smtp-sink")
     fill = Load("fill", 4096, 20, True)
     extra: dict[str, dict[str, str]] = {"of which start/release": {}, "fill msgs/s": {}}
-    for key in ("sluice", "postfix"):
-        if key not in opts.servers:
+    # Sluice twice: as configured everywhere else (one delivery process, the default)
+    # and with `[delivery] processes = 2`, one per core of the benchmark machine.
+    variants: dict[str, Callable[[Path, Load, int], tuple[Run, float, float]]] = {
+        "sluice": drain_sluice,
+        "sluice_2proc": functools.partial(drain_sluice, processes=2),
+        "postfix": drain_postfix,
+    }
+    for key, drain in variants.items():
+        if key.split("_")[0] not in opts.servers:
             continue
-        log(f"scenario 5: {LABELS[key]}: filling {n}")
+        log(f"scenario 5: {DRAIN_LABELS.get(key, LABELS.get(key, key))}: filling {n}")
         try:
-            run, release_s, fill_rate = (drain_sluice if key == "sluice" else drain_postfix)(
-                workdir / f"drain-{key}", fill, n
-            )
+            run, release_s, fill_rate = drain(workdir / f"drain-{key}", fill, n)
             extra["of which start/release"][key] = f"{release_s:.1f} s"
             extra["fill msgs/s"][key] = f"{fill_rate:.0f}"
         except (ServerError, subprocess.SubprocessError, OSError) as exc:
             run = Run(server=key, error=str(exc))
-            log(f"scenario 5 {LABELS[key]}: {exc}")
+            log(f"scenario 5 {key}: {exc}")
         table.runs[key] = run
     table.extra_rows = [(k, v) for k, v in extra.items()]
     table.notes.append(
@@ -459,14 +467,20 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def drain_sluice(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]:
+def drain_sluice(workdir: Path, fill: Load, n: int, processes: int = 1) -> tuple[Run, float, float]:
     hop_host = "127.0.1.60"
     hop_port = 0
     from bench.servers import free_port
 
     hop_port = free_port(hop_host)
     tarpit = TarpitListener(hop_host, hop_port)
-    server = SluiceServer("127.0.0.60", workdir, durable=True, relay_to=f"{hop_host}:{hop_port}")
+    server = SluiceServer(
+        "127.0.0.60",
+        workdir,
+        durable=True,
+        relay_to=f"{hop_host}:{hop_port}",
+        extra_toml=f"[delivery]\nprocesses = {processes}\n",
+    )
     sink: SinkServer | None = None
     try:
         server.start()
@@ -486,7 +500,7 @@ def drain_sluice(workdir: Path, fill: Load, n: int) -> tuple[Run, float, float]:
         wait_until(lambda: queue_depth(server) == 0, 900, "Sluice's queue to empty")
         t1 = time.perf_counter()
         usage = meter.stop()
-        run = Run(server="sluice")
+        run = Run(server="sluice" if processes == 1 else f"sluice_{processes}proc")
         run.record(n, t1 - t0, usage)
         return run, t_up - t0, n / fill_s
     finally:
@@ -643,6 +657,7 @@ def render(table: Table) -> str:
     keys = list(table.runs)
     labels = {
         **LABELS,
+        **(DRAIN_LABELS if table.scenario == 5 else {}),
         "baseline": "Sluice durable (no idle)",
         "idle": "Sluice durable (+idle)",
     }
@@ -710,17 +725,19 @@ def judge(table: Table, facts: machine.MachineFacts) -> None:
                 f"(80% of {s.rate:.0f})",
             )
         )
-    if table.scenario == 5 and s and not s.error:
-        pf = runs.get("postfix")
-        if pf and not pf.error and pf.rate:
-            ratio = s.rate / pf.rate
-            table.verdicts.append(
-                verdict(
-                    ratio >= TARGET_DRAIN_VS_POSTFIX,
-                    f"drain >= {TARGET_DRAIN_VS_POSTFIX:g}x Postfix: {ratio:.2f}x "
-                    f"({s.rate:.0f} vs {pf.rate:.0f} msgs/s)",
-                )
+    pf = runs.get("postfix")
+    for key in ("sluice", "sluice_2proc"):
+        run = runs.get(key)
+        if table.scenario != 5 or not run or run.error or not pf or pf.error or not pf.rate:
+            continue
+        ratio = run.rate / pf.rate
+        table.verdicts.append(
+            verdict(
+                ratio >= TARGET_DRAIN_VS_POSTFIX,
+                f"drain >= {TARGET_DRAIN_VS_POSTFIX:g}x Postfix ({DRAIN_LABELS[key]}): "
+                f"{ratio:.2f}x ({run.rate:.0f} vs {pf.rate:.0f} msgs/s)",
             )
+        )
     idle = runs.get("idle")
     if table.scenario == 6 and idle and not idle.error:
         table.verdicts.append(
