@@ -9,13 +9,16 @@ smtp-sink cannot give.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
 
+from appliance.delivery import smtp_client
 from appliance.delivery.smtp_client import (
     DeliveryResult,
+    Reply,
     SmtpConnectError,
     SmtpConnection,
     Timeouts,
@@ -443,3 +446,26 @@ async def test_idle_pooled_connection_is_not_cut_by_the_watchdog() -> None:
         assert (await conn.send("a@example.org", ["y@example.net"], BODY)).recipients[0].positive
 
     await with_recorder(test)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"250 ok\r\n", b"250\r\n", b"250 \r\n", b"250 2.0.0 ok\r\n", b"550 5.1.1 no such\r\n",
+        b"250 5.1.1 odd\r\n", b"451 4.2.0\r\n", b"250 ok\r\r\n", b"250 ok\n",
+        b"250  spaced  \r\n", b"250\tx\r\n", b"250 2.0.0  x y\r\n", b"250 2.0.0x\r\n",
+        b"250ok\r\n", b"250-more\r\n", b"650 x\r\n", b"250 caf\xc3\xa9\r\n",
+    ],
+)  # fmt: skip
+def test_parse_reply_fast_path_agrees_with_the_general_parser(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def parse() -> Reply | str:
+        try:
+            return parse_reply([raw])
+        except ValueError:
+            return "malformed"
+
+    fast = parse()
+    monkeypatch.setattr(smtp_client, "_ONE_LINE", re.compile(b"(?!)"))  # never matches
+    assert parse() == fast

@@ -58,6 +58,8 @@ MAX_RCPT_PER_TRANSACTION = 100
 # RFC 3463 section 2:  status-code = class "." subject "." detail
 #   class = "2" / "4" / "5";  subject = 1*3digit;  detail = 1*3digit
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)", re.ASCII)
+# A one-line reply in ASCII: code, then nothing or a space and the text (parse_reply).
+_ONE_LINE = re.compile(rb"([2-5][0-9][0-9])(?: ([\x20-\x7e\t\r]*?))?\r?\n")
 # Outside a quoted local part: no angle brackets, spaces or control characters.
 _UNQUOTED_FORBIDDEN = re.compile(r"[<> \x00-\x1f\x7f]")
 _FORBIDDEN_IN_COMMAND = re.compile(r"[\r\n\x00]")
@@ -105,6 +107,14 @@ def parse_reply(lines: Sequence[bytes]) -> Reply:
         Reply-code     = %x32-35 %x30-35 %x30-39
     Raises ValueError on anything else, including a code that changes between lines.
     """
+    if len(lines) == 1 and (one := _ONE_LINE.fullmatch(lines[0])) is not None:
+        # The common case, a one-line ASCII reply, without the general loop below.
+        text = (one[2] or b"").decode("ascii").strip()
+        enhanced = ""
+        if text[:1] == chr(one[1][0]) and (m := _ENHANCED.match(text)) is not None:
+            enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            text = text[m.end() :]
+        return Reply(int(one[1]), enhanced, text)
     if not lines:
         raise ValueError("empty reply")
     code_text = ""
