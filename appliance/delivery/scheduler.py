@@ -566,9 +566,16 @@ class DeliveryScheduler:
             domain = rcpt.address.rpartition("@")[2].lower()
             domains.setdefault(domain, []).append(rcpt)
         attempt = _Attempt()
-        await asyncio.gather(
-            *(self._deliver_domain(record, d, rcpts, body, attempt) for d, rcpts in domains.items())
-        )
+        if len(domains) == 1:  # the usual case: no task per domain
+            ((domain, rcpts),) = domains.items()
+            await self._deliver_domain(record, domain, rcpts, body, attempt)
+        else:
+            await asyncio.gather(
+                *(
+                    self._deliver_domain(record, d, rcpts, body, attempt)
+                    for d, rcpts in domains.items()
+                )
+            )
 
         now = self._clock()
         if attempt.tried:
