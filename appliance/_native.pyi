@@ -31,7 +31,11 @@ class Request:
     mail_params: Final[list[tuple[str, str | None]]]  # data: MAIL parameters
     recipients: Final[list[str]]  # data: the accepted forward paths, in order
     rcpt_params: Final[list[list[tuple[str, str | None]]]]  # data: per recipient
-    body: Final[bytes]  # data: the message, dot-unstuffed, CRLF line ends
+    # data: our Received: header (RFC 5321 4.4, smtp_proto::trace) and then the message
+    # as received, dot-unstuffed, CRLF line ends: what the queue stores
+    body: Final[bytes]
+    qid: Final[str]  # data: the queue id, named in that Received: header
+    trace_len: Final[int]  # data: the length of that header at the start of `body`
 
 class ListenerSpec:
     def __init__(

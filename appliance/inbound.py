@@ -6,8 +6,10 @@ waiting; `Inbound` drains them all in one call, answers what it can at once, and
 the answers back in one call. Questions that must wait (a message waiting for its group
 commit, an asynchronous policy lookup) are answered in a later batch, as they finish.
 
-A complete message (`kind == "data"`) goes through `MessageAcceptor`: loop check,
-Received: header, a queue record, and the durable group commit. Only when that commit is
+A complete message (`kind == "data"`) goes through `MessageAcceptor`: loop check, a
+queue record, and the durable group commit. The listener has already put our Received:
+header in front of the body and chosen the queue id it names (`Request.qid`), so the
+message is stored as handed over, without another copy. Only when that commit is
 on disk does the client get its 250 with the queue id (the queue's durability rule).
 The copy for a configured bounce address is not queued: it is parsed and recorded in the
 bounce log (appliance/bounce_intake.py), fsync'ed before the 250 as well.
@@ -25,7 +27,7 @@ from appliance import eventlog, trace
 from appliance.bounce_intake import BounceIntake
 from appliance.eventlog import log_event
 from appliance.policy import Policy, PolicyResult, Verdict
-from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
+from appliance.queue import MessageRecord, Queue, RecipientRecord
 
 if TYPE_CHECKING:
     from appliance._native import Request, Server
@@ -48,14 +50,15 @@ class MessageAcceptor:
         self._bounces = BounceIntake(config) if config.bounce_addresses else None
 
     def accept(self, request: Request) -> PolicyResult:
-        body = request.body
-        if trace.is_loop(body):
+        body = request.body  # our Received: header, then the message as received
+        start = request.trace_len  # where the client's message begins
+        if trace.is_loop(body, start):
             log_event(
                 "reject",
                 reason="loop",
                 peer=request.peer_ip,
                 sender=request.sender,
-                received=trace.count_received(body),
+                received=trace.count_received(body, start),
             )
             return LOOP_DETECTED
         if self._bounces is not None:
@@ -71,14 +74,15 @@ class MessageAcceptor:
         of the same message are queued as usual under the same queue id. The log is
         written first, so a failure after it (queue) means a 451 and, when the client
         sends again, the report recorded twice: never a 250 for an unrecorded report."""
-        qid = new_queue_id()
+        qid = request.qid
         bounce_to = request.recipients[to_us[0]]
+        report = body[request.trace_len :]  # the report as the reporting host sent it
         loop = asyncio.get_running_loop()
         try:
             records = await loop.run_in_executor(
                 None,
                 lambda: bounces.record(
-                    body,
+                    report,
                     bounce_id=qid,
                     sender=request.sender,
                     bounce_to=bounce_to,
@@ -95,7 +99,7 @@ class MessageAcceptor:
             peer=request.peer_ip,
             sender=request.sender,
             bounce_to=bounce_to,
-            size=len(body),
+            size=len(report),
             format=records[0].format if records else "",
             failed=[r.recipient for r in records],
             classes=[r.bounce_class for r in records],
@@ -111,21 +115,25 @@ class MessageAcceptor:
     ) -> Verdict:
         """Queue the message for its recipients (only those at indexes `only`, if given)."""
         now = time.time()
-        qid = qid or new_queue_id()
+        qid = qid or request.qid
         indexes = range(len(request.recipients)) if only is None else only
         recipients = [self._local_postmaster(request.recipients[i]) for i in indexes]
         rcpt_params = [request.rcpt_params[i] for i in indexes]
-        header = trace.received_header(
-            helo=request.helo,
-            peer_ip=request.peer_ip,
-            hostname=self._config.hostname,
-            esmtp=request.esmtp,
-            qid=qid,
-            recipients=recipients,
-            tls=request.tls,
-            now=now,
-        )
-        stored = header + body
+        stored = body
+        if only is not None:
+            # Queued for some recipients only: the listener's header may name another
+            # (`for <...>` with one recipient), so write our own for these.
+            header = trace.received_header(
+                helo=request.helo,
+                peer_ip=request.peer_ip,
+                hostname=self._config.hostname,
+                esmtp=request.esmtp,
+                qid=qid,
+                recipients=recipients,
+                tls=request.tls,
+                now=now,
+            )
+            stored = header + body[request.trace_len :]
         record = MessageRecord(
             qid=qid,
             arrived=now,

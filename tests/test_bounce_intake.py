@@ -33,7 +33,7 @@ from appliance.bounce_intake import (
 )
 from appliance.config import ConfigError, _build, default_config
 from appliance.inbound import MessageAcceptor
-from appliance.queue import MessageRecord, Queue, RecipientRecord
+from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 
 DATA = Path(__file__).parent / "data" / "bounces"
 HOST = "gw.sluice.test"
@@ -612,7 +612,9 @@ def _request(recipients: list[str], body: bytes) -> SimpleNamespace:
         recipients=recipients,
         rcpt_params=[[] for _ in recipients],
         mail_params=[],
-        body=body,
+        body=body,  # as the listener hands it over: our header (here none), the message
+        qid=new_queue_id(),
+        trace_len=0,
         helo="mx.dest.test",
         peer_ip="192.0.2.25",
         esmtp=True,

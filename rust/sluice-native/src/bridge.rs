@@ -37,6 +37,10 @@ pub enum Question {
         mail_params: Params,
         recipients: Vec<String>,
         rcpt_params: Vec<Params>,
+        /// The queue id named in `trace`.
+        qid: String,
+        /// Our Received: header, to go in front of the body.
+        trace: Vec<u8>,
         body: Vec<u8>,
     },
 }

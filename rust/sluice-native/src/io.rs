@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use smtp_proto::trace::{received_header, TraceInfo};
 use smtp_proto::{Envelope, Query, Reply, ServerConfig, ServerSession, Step};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +42,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::bridge::{lock, Bridge, ConnectionFacts, Question};
+use crate::stamp;
 
 /// Everything a listener needs, fixed at start-up.
 pub struct ListenerSettings {
@@ -462,11 +464,25 @@ impl Session {
                     .into_iter()
                     .map(|(path, params)| (path.to_string(), params))
                     .unzip();
+                let qid = stamp::new_queue_id();
+                let date = stamp::rfc5322_now();
+                let trace = received_header(&TraceInfo {
+                    helo: self.machine.helo(),
+                    peer_ip: &self.facts.peer_ip,
+                    hostname: &self.settings.protocol.hostname,
+                    esmtp: self.machine.esmtp(),
+                    tls: self.facts.tls.as_deref(),
+                    qid: &qid,
+                    recipients: &recipients,
+                    date: &date,
+                });
                 Question::Data {
                     sender: reverse_path.to_string(),
                     mail_params,
                     recipients,
                     rcpt_params,
+                    qid,
+                    trace,
                     body,
                 }
             }

@@ -9,6 +9,7 @@
 
 mod bridge;
 mod io;
+mod stamp;
 mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -54,6 +55,8 @@ struct Request {
     mail_params: Params,
     recipients: Vec<String>,
     rcpt_params: Vec<Params>,
+    qid: String,
+    trace_len: usize,
     body: Py<PyBytes>,
 }
 
@@ -95,6 +98,8 @@ impl Request {
             mail_params: Vec::new(),
             recipients: Vec::new(),
             rcpt_params: Vec::new(),
+            qid: String::new(),
+            trace_len: 0,
             body: empty(),
         };
         match question {
@@ -119,6 +124,8 @@ impl Request {
                 mail_params,
                 recipients,
                 rcpt_params,
+                qid,
+                trace,
                 body,
             } => {
                 request.kind = "data";
@@ -126,7 +133,21 @@ impl Request {
                 request.mail_params = mail_params;
                 request.recipients = recipients;
                 request.rcpt_params = rcpt_params;
-                request.body = PyBytes::new(py, &body).unbind();
+                request.qid = qid;
+                request.trace_len = trace.len();
+                // Header and body written once, straight into the Python object: the
+                // message is copied once here and the Rust buffer freed right after.
+                let stored = PyBytes::new_with(py, trace.len() + body.len(), |buf| {
+                    buf[..trace.len()].copy_from_slice(&trace);
+                    buf[trace.len()..].copy_from_slice(&body);
+                    Ok(())
+                });
+                request.body = match stored {
+                    Ok(bytes) => bytes.unbind(),
+                    Err(_) => {
+                        PyBytes::new(py, &[trace.as_slice(), body.as_slice()].concat()).unbind()
+                    }
+                };
             }
         }
         request

@@ -14,6 +14,7 @@
 //! - [`bdat`]: the BDAT body accumulator: chunks taken literally, the same bare line end
 //!   policy and size limit as DATA (RFC 3030).
 //! - [`reply`]: reply formatting with enhanced status codes (RFC 3463, RFC 2034).
+//! - [`trace`]: the Received: header put on each accepted message (RFC 5321 section 4.4).
 //! - [`stuffing`]: dot-stuffing for output to the next hop (RFC 5321 section 4.5.2).
 
 pub mod address;
@@ -25,6 +26,7 @@ pub mod params;
 pub mod reply;
 pub mod server;
 pub mod stuffing;
+pub mod trace;
 
 pub use address::{parse_path, AddressError, AddressMode, Mailbox, Path};
 pub use params::Params;
