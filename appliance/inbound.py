@@ -49,7 +49,11 @@ class MessageAcceptor:
         self._profiles = {lc.name: lc.bounce_profile for lc in config.listeners}
         self._bounces = BounceIntake(config) if config.bounce_addresses else None
 
-    def accept(self, request: Request) -> PolicyResult:
+    def accept(self, request: Request, reply: Callable[[Verdict], None]) -> PolicyResult | None:
+        """Decide on a complete message: a verdict now (a loop), an awaitable of one (a
+        report for the bounce address), or None when `reply` will be called on this loop
+        with the verdict, once the message is durable (the usual case: no task or future
+        per message, and the 250s of a commit batch go out together)."""
         body = request.body  # our Received: header, then the message as received
         start = request.trace_len  # where the client's message begins
         if trace.is_loop(body, start):
@@ -65,7 +69,8 @@ class MessageAcceptor:
             to_us = [i for i, r in enumerate(request.recipients) if r in self._bounces.addresses]
             if to_us:
                 return self._intake(self._bounces, request, body, to_us)
-        return self._commit(request, body)
+        self._commit(request, body, reply)
+        return None
 
     async def _intake(
         self, bounces: BounceIntake, request: Request, body: bytes, to_us: list[int]
@@ -107,13 +112,21 @@ class MessageAcceptor:
         )
         others = [i for i in range(len(request.recipients)) if i not in to_us]
         if others:
-            return await self._commit(request, body, qid=qid, only=others)
+            queued: asyncio.Future[Verdict] = loop.create_future()
+            self._commit(request, body, queued.set_result, qid=qid, only=others)
+            return await queued
         return Verdict(250, "2.0.0", f"Ok: bounce recorded as {qid}")
 
-    async def _commit(
-        self, request: Request, body: bytes, qid: str | None = None, only: list[int] | None = None
-    ) -> Verdict:
-        """Queue the message for its recipients (only those at indexes `only`, if given)."""
+    def _commit(
+        self,
+        request: Request,
+        body: bytes,
+        reply: Callable[[Verdict], None],
+        qid: str | None = None,
+        only: list[int] | None = None,
+    ) -> None:
+        """Queue the message for its recipients (only those at indexes `only`, if given)
+        and call `reply` with the verdict once it is durable (or could not be stored)."""
         now = time.time()
         qid = qid or request.qid
         indexes = range(len(request.recipients)) if only is None else only
@@ -150,23 +163,30 @@ class MessageAcceptor:
             next_attempt=now,
             bounce_profile=self._profiles.get(request.listener, ""),
         )
+        size = len(stored)
+
+        def durable(error: BaseException | None) -> None:
+            if error is not None:  # the disk said no: the client must keep the message
+                log_event("queue_error", qid=qid, error=repr(error))
+                reply(QUEUE_FAILED)
+                return
+            log_event(
+                "accepted",
+                qid=qid,
+                peer=request.peer_ip,
+                helo=request.helo,
+                sender=request.sender,
+                recipients=recipients,
+                size=size,
+                listener=request.listener,
+            )
+            self._on_queued()
+            reply(Verdict(250, "2.0.0", f"Ok: queued as {qid}"))
+
         try:
-            await self._queue.submit(record, stored)
-        except Exception as exc:  # the disk said no: the client must keep the message
-            log_event("queue_error", qid=qid, error=repr(exc))
-            return QUEUE_FAILED
-        log_event(
-            "accepted",
-            qid=qid,
-            peer=request.peer_ip,
-            helo=request.helo,
-            sender=request.sender,
-            recipients=recipients,
-            size=len(stored),
-            listener=request.listener,
-        )
-        self._on_queued()
-        return Verdict(250, "2.0.0", f"Ok: queued as {qid}")
+            self._queue.submit_then(record, stored, durable)
+        except Exception as exc:  # closing, or a record that cannot be encoded
+            durable(exc)
 
     def _local_postmaster(self, address: str) -> str:
         # <Postmaster> with no domain (RFC 5321 4.5.1) means this host's postmaster.
@@ -192,11 +212,13 @@ class Inbound:
         self._ready: list[tuple[int, int, str, str]] = []
         self._flush_scheduled = False
         self._waiting: set[asyncio.Task[Verdict]] = set()
-        self._handlers: dict[str, Callable[[Request], PolicyResult]] = {
+        # Messages whose verdict comes by callback (MessageAcceptor.accept returned None).
+        self._committing: set[int] = set()
+        self._handlers: dict[str, Callable[[Request], PolicyResult | None]] = {
             "connect": self._on_connect,
             "mail": policy.on_mail,
             "rcpt": policy.on_rcpt,
-            "data": acceptor.accept,
+            "data": self._on_data,
         }
 
     def start(self) -> None:
@@ -208,14 +230,34 @@ class Inbound:
     @property
     def in_flight(self) -> int:
         """Questions still being decided (messages waiting for their commit, lookups)."""
-        return len(self._waiting)
+        return len(self._waiting) + len(self._committing)
 
     async def drain(self, grace: float) -> None:
         """Wait until every question already asked has been answered, or `grace` seconds."""
         deadline = self._loop.time() + grace
-        while self._waiting and self._loop.time() < deadline:
-            await asyncio.wait(set(self._waiting), timeout=deadline - self._loop.time())
+        while self.in_flight and self._loop.time() < deadline:
+            if self._waiting:
+                await asyncio.wait(set(self._waiting), timeout=deadline - self._loop.time())
+            else:
+                await asyncio.sleep(0.01)  # commits in progress answer by callback
         self._flush()
+
+    def _on_data(self, request: Request) -> PolicyResult | None:
+        request_id = request.id
+        self._committing.add(request_id)
+
+        def reply(verdict: Verdict) -> None:
+            self._committing.discard(request_id)
+            self._answer_later(request_id, verdict)
+
+        try:
+            result = self._acceptor.accept(request, reply)
+        except BaseException:
+            self._committing.discard(request_id)
+            raise
+        if result is not None:
+            self._committing.discard(request_id)  # answered the other way
+        return result
 
     def _on_connect(self, request: Request) -> PolicyResult:
         log_event(
@@ -238,7 +280,7 @@ class Inbound:
                 if result.code >= 400 and request.kind != "data":
                     _log_refusal(request, result)
                 self._ready.append((request.id, result.code, result.enhanced, result.text))
-            else:
+            elif result is not None:  # None: the verdict comes by callback (_on_data)
                 self._wait_for(request.id, result)
         self._flush()
 
@@ -256,13 +298,16 @@ class Inbound:
                 verdict = Verdict(451, "4.3.0", "temporary local problem, try again later")
             else:
                 verdict = done.result()
-            self._ready.append((request_id, verdict.code, verdict.enhanced, verdict.text))
-            # Answers that finish in the same loop iteration go back in one call.
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+            self._answer_later(request_id, verdict)
 
         task.add_done_callback(finished)
+
+    def _answer_later(self, request_id: int, verdict: Verdict) -> None:
+        self._ready.append((request_id, verdict.code, verdict.enhanced, verdict.text))
+        # Answers that come in the same loop iteration go back in one call.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

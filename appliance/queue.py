@@ -25,7 +25,8 @@ Group commit: there is exactly one writer, a dedicated thread. Callers on the ev
 put operations on a pending list and await a future; the writer takes everything pending,
 applies it in one write transaction, commits (py-lmdb releases the GIL for the commit and
 its fsync, so the loop keeps accepting mail meanwhile and the next batch accumulates) and
-then resolves every future of that batch with one callback per event loop. The cost of an
+then tells every waiter of that batch (a future, or a plain callback from
+`submit_then()`) from one callback per event loop. The cost of an
 fsync is thus shared by however many messages arrived during the previous one.
 
 Crash safety: LMDB is copy-on-write with two meta pages; a transaction is visible only
@@ -37,6 +38,7 @@ committed state, and no future is resolved before its commit returned.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import threading
@@ -300,7 +302,8 @@ class _Op:
     body: bytes = b""
     sched: bytes | None = None  # put/update: new schedule key (None: not scheduled)
     reason: str = ""
-    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+    # Called on that loop once the operation's batch is committed (None) or failed.
+    waiter: tuple[asyncio.AbstractEventLoop, Callable[[BaseException | None], None]] | None = None
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -398,6 +401,20 @@ class Queue:
             _Op("put", qid, envelope=encode_record(record), body=bytes(body), sched=sched)
         )
 
+    def submit_then(
+        self, record: MessageRecord, body: bytes, done: Callable[[BaseException | None], None]
+    ) -> None:
+        """`submit()` for callers on the event loop that want a callback instead of an
+        awaitable: `done(None)` runs on this loop once the message is durable, `done(exc)`
+        if its batch failed. The listener uses it so that the 250s of a whole batch go out
+        from one callback, with no task or future per message. Raises RuntimeError at once
+        when the queue is closing."""
+        qid = _qid_key(record.qid)
+        sched = None if record.done() else _schedule_key(_ms(record.next_attempt), qid)
+        op = _Op("put", qid, envelope=encode_record(record), body=body, sched=sched)
+        op.waiter = (asyncio.get_running_loop(), done)
+        self._enqueue(op)
+
     async def update(self, record: MessageRecord) -> None:
         """Rewrite the envelope and move its schedule entry to `record.next_attempt`.
 
@@ -422,7 +439,7 @@ class Queue:
     async def _run(self, op: _Op) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        op.waiter = (loop, future)
+        op.waiter = (loop, functools.partial(_settle, future))
         self._enqueue(op)
         await future
 
@@ -467,13 +484,14 @@ class Queue:
             self.stats.operations_committed += len(batch)
             self.stats.messages_committed += sum(1 for op in batch if op.kind == "put")
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[BaseException | None], None]]]
+        by_loop = {}
         for op in batch:
             if op.waiter is not None:
                 by_loop.setdefault(op.waiter[0], []).append(op.waiter[1])
-        for loop, futures in by_loop.items():
+        for loop, callbacks in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, futures, error)
+                loop.call_soon_threadsafe(_resolve, callbacks, error)
             except RuntimeError:
                 pass  # that loop is closed: nobody is waiting any more
 
@@ -707,11 +725,21 @@ class Queue:
             _open_paths.discard(self._key)
 
 
-def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if future.done():
-            continue  # the waiter was cancelled; the operation is committed regardless
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+def _resolve(
+    callbacks: list[Callable[[BaseException | None], None]], error: BaseException | None
+) -> None:
+    """Tell every waiter of one committed (or failed) batch, on its loop."""
+    for callback in callbacks:
+        try:
+            callback(error)
+        except Exception as exc:  # one waiter's bug must not keep the others waiting
+            log_event("queue_callback_error", error=f"{type(exc).__name__}: {exc}")
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # the waiter was cancelled; the operation is committed regardless
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -7,6 +7,7 @@ also with bare LF, which must not change the answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -33,6 +34,7 @@ from appliance.bounce_intake import (
 )
 from appliance.config import ConfigError, _build, default_config
 from appliance.inbound import MessageAcceptor
+from appliance.policy import Verdict
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 
 DATA = Path(__file__).parent / "data" / "bounces"
@@ -623,6 +625,17 @@ def _request(recipients: list[str], body: bytes) -> SimpleNamespace:
     )
 
 
+async def accept(acceptor: MessageAcceptor, request: Any) -> Verdict:
+    """MessageAcceptor.accept() with its verdict however it comes (now, awaited, by call)."""
+    replied: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+    result = acceptor.accept(request, replied.set_result)
+    if result is None:
+        return await replied
+    if isinstance(result, Verdict):
+        return result
+    return await result
+
+
 async def test_acceptor_records_and_queues_the_rest(tmp_path: Path) -> None:
     config = replace(
         _build("f.toml", {"hostname": HOST, "data_dir": str(tmp_path)}, None),
@@ -633,11 +646,11 @@ async def test_acceptor_records_and_queues_the_rest(tmp_path: Path) -> None:
         acceptor = MessageAcceptor(config, queue, lambda: None)
         body = sample("postfix_dsn.eml")
 
-        only = await acceptor.accept(_request(["Bounces@Sluice.test"], body))
+        only = await accept(acceptor, _request(["Bounces@Sluice.test"], body))
         assert only.code == 250 and "bounce recorded as" in only.text
         assert queue.count() == 0
 
-        mixed = await acceptor.accept(_request(["ops@sluice.test", "bounces@sluice.test"], body))
+        mixed = await accept(acceptor, _request(["ops@sluice.test", "bounces@sluice.test"], body))
         assert mixed.code == 250 and "queued as" in mixed.text
         qid = mixed.text.rsplit(" ", 1)[1]
         queued = queue.get(qid)
@@ -669,7 +682,7 @@ async def test_acceptor_says_451_when_the_log_cannot_be_written(tmp_path: Path) 
     queue = Queue(tmp_path, durable=False)
     try:
         acceptor = MessageAcceptor(config, queue, lambda: None)
-        verdict = await acceptor.accept(_request(["bounces@sluice.test"], b"x"))
+        verdict = await accept(acceptor, _request(["bounces@sluice.test"], b"x"))
         assert verdict.code == 451
     finally:
         await queue.close()
