@@ -18,10 +18,13 @@ bounce log (appliance/bounce_intake.py), fsync'ed before the 250 as well.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+import lmdb
 
 from appliance import eventlog, trace
 from appliance.bounce_intake import BounceIntake
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 
 LOOP_DETECTED = Verdict(554, "5.4.6", "mail loop detected: too many Received: headers")
 QUEUE_FAILED = Verdict(451, "4.3.0", "temporary queue failure, try again later")
+# RFC 5321 452 "insufficient system storage", RFC 3463 4.3.1 "mail system full".
+QUEUE_FULL = Verdict(452, "4.3.1", "insufficient system storage, try again later")
 BOUNCE_LOG_FAILED = Verdict(451, "4.3.0", "temporary bounce log failure, try again later")
 
 
@@ -168,7 +173,7 @@ class MessageAcceptor:
         def durable(error: BaseException | None) -> None:
             if error is not None:  # the disk said no: the client must keep the message
                 log_event("queue_error", qid=qid, error=repr(error))
-                reply(QUEUE_FAILED)
+                reply(QUEUE_FULL if _storage_full(error) else QUEUE_FAILED)
                 return
             log_event(
                 "accepted",
@@ -316,6 +321,13 @@ class Inbound:
             eventlog.flush()
             ready, self._ready = self._ready, []
             self._server.answer(ready)
+
+
+def _storage_full(error: BaseException) -> bool:
+    """The queue's map or the file system is full (as opposed to any other failure)."""
+    if isinstance(error, lmdb.MapFullError):
+        return True
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _log_refusal(request: Request, verdict: Verdict) -> None:

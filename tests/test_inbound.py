@@ -3,7 +3,8 @@
 The listener hands over the message with our Received: header already in front
 (`trace_len` long) and the queue id it names; these tests stand in for that request and
 check when and with what the acceptor answers: 250 with the queue id only once the record
-is readable from the queue (committed), 451 4.3.0 when the queue cannot store it.
+is readable from the queue (committed); 452 4.3.1 when the queue is full, 451 4.3.0 when
+it cannot store the message for another reason.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ async def test_250_names_the_queue_id_and_comes_after_the_commit(tmp_path: Path)
         await queue.close()
 
 
-async def test_a_full_queue_gets_451_and_stores_nothing(
+async def test_a_full_queue_gets_452_and_stores_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(queue_module, "MAP_SIZE", 1024 * 1024)  # LMDB: MDB_MAP_FULL soon
@@ -83,7 +84,8 @@ async def test_a_full_queue_gets_451_and_stores_nothing(
     try:
         req = request(b"x" * (4 * 1024 * 1024) + b"\r\n")
         verdict, stored = await answer(acceptor_for(tmp_path, queue, woken), req, queue)
-        assert (verdict.code, verdict.enhanced) == (451, "4.3.0")
+        # RFC 5321 452 insufficient system storage, RFC 3463 4.3.1 mail system full
+        assert (verdict.code, verdict.enhanced) == (452, "4.3.1")
         assert not stored and queue.count() == 0 and woken == []
     finally:
         await queue.close()
