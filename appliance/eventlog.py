@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import os
 import sys
 import threading
 import time
@@ -50,7 +51,7 @@ def reopen() -> None:
     with _lock:
         old, _stream = _stream, fresh
     old.close()
-    log_event("log_reopened", path=_path)
+    log_event("log_reopened", path=_path, pid=os.getpid())
 
 
 # The "YYYY-MM-DDTHH:MM:SS" part changes once a second: computed once per second, not
