@@ -137,21 +137,10 @@ class MessageAcceptor:
         indexes = range(len(request.recipients)) if only is None else only
         recipients = [self._local_postmaster(request.recipients[i]) for i in indexes]
         rcpt_params = [request.rcpt_params[i] for i in indexes]
+        # Stored as handed over, our Received: header included. When only some recipients
+        # are queued (the others were our bounce address) the message had two or more,
+        # so that header names none of them (`for` only ever names a sole recipient).
         stored = body
-        if only is not None:
-            # Queued for some recipients only: the listener's header may name another
-            # (`for <...>` with one recipient), so write our own for these.
-            header = trace.received_header(
-                helo=request.helo,
-                peer_ip=request.peer_ip,
-                hostname=self._config.hostname,
-                esmtp=request.esmtp,
-                qid=qid,
-                recipients=recipients,
-                tls=request.tls,
-                now=now,
-            )
-            stored = header + body[request.trace_len :]
         record = MessageRecord(
             qid=qid,
             arrived=now,

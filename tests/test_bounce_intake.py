@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from appliance import trace
 from appliance.bounce import build_bounce, format_expired, format_reply
 from appliance.bounce_intake import (
     UNKNOWN_BOUNCE,
@@ -311,15 +310,13 @@ def test_our_hostname_preferred_among_several_sluice_hops() -> None:
 def test_our_own_bounces_are_read() -> None:
     """A report built by appliance/bounce.py (RET=HDRS: the headers, with our Received:)."""
     qid = "0Yj1Kl2Mn3Op4Qr5St"
-    original = trace.received_header(
-        helo="app.sluice.test",
-        peer_ip="192.0.2.40",
-        hostname=HOST,
-        esmtp=True,
-        qid=qid,
-        recipients=["x@dest.test"],
-        now=1_700_000_000.0,
-    ) + (b"From: a@sluice.test\r\nSubject: s\r\n\r\nbody\r\n")
+    # Our Received: header as the listener writes it (smtp_proto::trace).
+    original = (
+        f"Received: from app.sluice.test ([192.0.2.40])\r\n\tby {HOST} (Sluice)\r\n"
+        f"\twith ESMTP id {qid}\r\n\tfor <x@dest.test>;\r\n"
+        "\tTue, 14 Nov 2023 22:13:20 +0000\r\n"
+        "From: a@sluice.test\r\nSubject: s\r\n\r\nbody\r\n"
+    ).encode()
     record = MessageRecord(
         qid=qid,
         arrived=1_700_000_000.0,
