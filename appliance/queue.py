@@ -270,7 +270,11 @@ def _next_attempt_of(raw: bytes) -> float | None:
 def shard_of(qid: str, count: int) -> int:
     """The delivery shard (0 .. count-1) a queue id belongs to: a hash of the id, so the
     shards are even whatever the ids look like, and stable across restarts."""
-    return zlib.crc32(qid.encode("ascii", "replace")) % count
+    return _shard_of_key(qid.encode("ascii", "replace"), count)
+
+
+def _shard_of_key(key: bytes, count: int) -> int:
+    return zlib.crc32(key) % count
 
 
 def _qid_key(qid: str) -> bytes:
@@ -395,11 +399,9 @@ class Queue:
 
     async def submit(self, record: MessageRecord, body: bytes) -> None:
         """Store a new message; returns once it is durable (the moment to send 250)."""
-        qid = _qid_key(record.qid)
-        sched = None if record.done() else _schedule_key(_ms(record.next_attempt), qid)
-        await self._run(
-            _Op("put", qid, envelope=encode_record(record), body=bytes(body), sched=sched)
-        )
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit_then(record, bytes(body), functools.partial(_settle, durable))
+        await durable
 
     def submit_then(
         self, record: MessageRecord, body: bytes, done: Callable[[BaseException | None], None]
@@ -616,7 +618,7 @@ class Queue:
                 if len(out) >= limit or int.from_bytes(key[:8], "big") > now_ms:
                     break
                 qid = bytes(key[8:])
-                if shard is not None and zlib.crc32(qid) % shard[1] != shard[0]:
+                if shard is not None and _shard_of_key(qid, shard[1]) != shard[0]:
                     continue
                 if exclude and qid.decode("ascii", "replace") in exclude:
                     continue
@@ -647,7 +649,7 @@ class Queue:
         with `shard`, the earliest of that shard's queue ids (as in `due`)."""
         with self._env.begin() as txn:
             for key in txn.cursor(db=self._schedule).iternext(keys=True, values=False):
-                if shard is None or zlib.crc32(key[8:]) % shard[1] == shard[0]:
+                if shard is None or _shard_of_key(key[8:], shard[1]) == shard[0]:
                     return int.from_bytes(key[:8], "big") / 1000.0
             return None
 
