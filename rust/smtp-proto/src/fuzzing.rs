@@ -221,8 +221,9 @@ fn check_round_trip(data: &[u8], mode: AddressMode, utf8: bool) -> Option<(Path,
     Some((path, rest.len()))
 }
 
-/// Decodes whole, byte by byte and split at `cut`; all must agree.
-fn decode_all_ways(
+/// Decodes whole, byte by byte and split at `cut`; all must agree. Returns the outcome
+/// and the count of bytes consumed (None: not ended). Also used by `data`'s unit tests.
+pub(crate) fn decode_all_ways(
     input: &[u8],
     max: u64,
     normalise: bool,
