@@ -14,6 +14,9 @@
 //!   a body it produced survives dot-stuffing and decoding unchanged.
 //! - [`bdat`]: a BDAT dialog built from the input keeps the stream in sync and delivers
 //!   the chunk octets exactly (or refuses them for the documented reasons).
+//!
+//! [`Rng`], [`FRAGMENTS`] and [`dialog`] make the deterministic inputs the property tests
+//! feed them (and the random-dialog test in `tests/dialog.rs`).
 
 use crate::address::{parse_path, AddressMode, Path};
 use crate::data::{DataDecoder, DataOutcome};
@@ -399,4 +402,78 @@ pub fn bdat(data: &[u8]) {
         chunks_after,
         "{t}"
     );
+}
+
+// ---- inputs for the property tests (tests/fuzz_props.rs, tests/dialog.rs) ----
+
+/// A small deterministic generator (PCG-style LCG), so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)] // not an Iterator: it never ends
+    pub fn next(&mut self) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as usize
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        (self.next() & 0xff) as u8
+    }
+}
+
+/// SMTP commands, line ends and hostile bytes that dialogs are built from.
+pub const FRAGMENTS: &[&[u8]] = &[
+    b"EHLO x\r\n",
+    b"HELO y\n",
+    b"STARTTLS\r\n",
+    b"STARTTLS x\r\n",
+    b"MAIL FROM:<a@example.org>\r\n",
+    b"MAIL FROM:<> SIZE=10 RET=HDRS ENVID=a+2Bb\r\n",
+    b"MAIL FROM:<j\xc3\xb6rg@ex\xc3\xa4mple.de> SMTPUTF8\r\n",
+    b"MAIL FROM:<j\xc3\xb6rg@example.de>\r\n",
+    b"mail from:\"q@x.y\" size=99999999999999999999999\r\n",
+    b"RCPT TO:<b@example.com>\r\n",
+    b"RCPT TO:<b@example.com> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+40x\r\n",
+    b"RCPT TO:<\xc3\xbc@example.com>\r\n",
+    b"RCPT TO:<Postmaster>\r\n",
+    b"RCPT TO:<>\r\n",
+    b"RCPT TO:<a\xe2\x80\x8bb@example.com>\r\n",
+    b"DATA\r\n",
+    b"BDAT 5\r\n",
+    b"BDAT 3 LAST\r\n",
+    b"BDAT 0 LAST\r\n",
+    b"BDAT 99999999999999999999999\r\n",
+    b"BDAT x\r\n",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"..\r\n",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"\n.\n",
+    b"\x00\xff\xc3",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"VRFY z\r\n",
+    b"HELP\r\n",
+    b"QUIT\r\n",
+    b"text",
+    b"<(x)@[1.2.3.4]>",
+];
+
+/// A dialog-like input: fragments with the odd random byte.
+pub fn dialog(rng: &mut Rng) -> Vec<u8> {
+    let mut input = Vec::new();
+    for _ in 0..(rng.next() % 30) {
+        if rng.next().is_multiple_of(8) {
+            input.push(rng.byte());
+        } else {
+            input.extend_from_slice(FRAGMENTS[rng.next() % FRAGMENTS.len()]);
+        }
+    }
+    input
 }

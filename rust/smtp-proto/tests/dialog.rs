@@ -3,6 +3,7 @@
 //! one chunk, one byte at a time and (for short inputs) split in two at every offset, and
 //! requires the same transcript from each.
 
+use smtp_proto::fuzzing::{dialog, Rng};
 use smtp_proto::{
     AddressMode, BareLinefeedPolicy, Path, Query, Reply, ServerConfig, ServerSession, Step,
 };
@@ -872,42 +873,11 @@ fn discard_needs_crlf_when_bare_lf_does_not_end_lines() {
     assert_eq!(t, "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n");
 }
 
-/// Deterministic pseudo-random dialogs built from SMTP fragments and hostile bytes: the
+/// Deterministic pseudo-random dialogs (the fuzz targets' fragments and hostile bytes): the
 /// session must not panic, and one-chunk and byte-at-a-time feeding must agree.
 #[test]
 fn random_dialogs_never_panic_and_split_invariant() {
-    const PIECES: &[&[u8]] = &[
-        b"EHLO x\r\n",
-        b"HELO y\n",
-        b"MAIL FROM:<a@example.org>\r\n",
-        b"MAIL FROM:<> SIZE=10\r\n",
-        b"mail from:\"q@x.y\"\r\n",
-        b"RCPT TO:<b@example.com>\r\n",
-        b"RCPT TO:<Postmaster>\r\n",
-        b"RCPT TO:<>\r\n",
-        b"DATA\r\n",
-        b".\r\n",
-        b"..\r\n",
-        b"\r\n",
-        b"\n",
-        b"\r",
-        b".",
-        b"\n.\n",
-        b"\x00\xff\xc3",
-        b"RSET\r\n",
-        b"NOOP\r\n",
-        b"VRFY z\r\n",
-        b"QUIT\r\n",
-        b"text",
-        b"<(x)@[1.2.3.4]>",
-    ];
-    let mut seed: u64 = 0x5eed_1234_abcd_0001;
-    let mut next = || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 33) as usize
-    };
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
     let policy = |q: &Query| match q {
         Query::Rcpt { forward_path, .. } if forward_path.to_string().starts_with('P') => {
             Reply::new(550, "5.1.1", "no\r\nthanks")
@@ -934,14 +904,11 @@ fn random_dialogs_never_panic_and_split_invariant() {
             max_bad_commands: (round % 6) as u32,
             ..config()
         };
-        let mut input = Vec::new();
-        for _ in 0..(next() % 40) {
-            input.extend_from_slice(PIECES[next() % PIECES.len()]);
-        }
+        let input = dialog(&mut rng);
         let whole = drive(&cfg, &[&input], &policy);
         let bytes: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(whole, drive(&cfg, &bytes, &policy), "round {round}");
-        let cut = next() % (input.len() + 1);
+        let cut = rng.next() % (input.len() + 1);
         let (a, b) = input.split_at(cut);
         assert_eq!(
             whole,
