@@ -339,7 +339,7 @@ impl ServerSession {
         }
     }
 
-    /// 220 <hostname> ESMTP Sluice. No enhanced code: RFC 2034 section 3 excludes the
+    /// `220 <hostname> ESMTP Sluice`. No enhanced code: RFC 2034 section 3 excludes the
     /// greeting.
     pub fn greeting(&self) -> Reply {
         Reply::new(220, "", &format!("{} ESMTP Sluice", self.config.hostname))
