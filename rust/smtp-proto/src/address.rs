@@ -47,7 +47,7 @@ pub enum AddressMode {
 
 /// An envelope mailbox. `local` is as written (a quoted local part keeps its quotes);
 /// `domain` is None only for the bare `<Postmaster>` (RFC 5321 section 4.5.1). Address
-/// literals keep their brackets: "[192.0.2.1]", "[IPv6:2001:db8::1]".
+/// literals keep their brackets: `"[192.0.2.1]"`, `"[IPv6:2001:db8::1]"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mailbox {
     pub local: String,
