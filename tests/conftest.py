@@ -201,26 +201,8 @@ def smtp_sink(tmp_path: Path) -> Iterator[SinkFactory]:
     """
     started: list[Sink] = []
 
-    def start(
-        host: str | None = None,
-        port: int | None = None,
-        *,
-        hard: Sequence[str] = (),
-        soft: Sequence[str] = (),
-        disconnect: Sequence[str] = (),
-        close421: Sequence[str] = (),
-        extra: Sequence[str] = (),
-    ) -> Sink:
-        sink = start_sink(
-            tmp_path,
-            host,
-            port,
-            hard=hard,
-            soft=soft,
-            disconnect=disconnect,
-            close421=close421,
-            extra=extra,
-        )
+    def start(*args: Any, **kwargs: Any) -> Sink:
+        sink = start_sink(tmp_path, *args, **kwargs)
         started.append(sink)
         return sink
 

@@ -10,7 +10,7 @@ The rootdir conftest (tests/conftest.py) provides `smtp_sink` and `dns_server`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from tests.e2e.harness import (
     WireSink,
     free_port,
     loopback_hosts,
-    write_config,
+    new_sluice,
 )
 
 
@@ -31,39 +31,10 @@ def sluice(tmp_path: Path) -> Iterator[SluiceFactory]:
     start=True)` writes a config and (by default) starts `sluice run` on it."""
     servers: list[Sluice] = []
 
-    def make(
-        *,
-        routes: Mapping[str, list[str]] | None = None,
-        listener: Mapping[str, object] | None = None,
-        delivery: Mapping[str, object] | None = None,
-        dns: Mapping[str, object] | None = None,
-        top: Mapping[str, object] | None = None,
-        destinations: Mapping[str, Mapping[str, object]] | None = None,
-        start: bool = True,
-    ) -> Sluice:
+    def make(*, start: bool = True, **config: object) -> Sluice:
         workdir = tmp_path / f"sluice{len(servers)}"
         workdir.mkdir()
-        port = free_port()
-        server = Sluice(
-            workdir=workdir,
-            config_path=workdir / "sluice.toml",
-            data_dir=workdir / "data",
-            log_path=workdir / "events.jsonl",
-            host="127.0.0.1",
-            port=port,
-        )
-        write_config(
-            server.config_path,
-            data_dir=server.data_dir,
-            log_path=server.log_path,
-            port=port,
-            routes=routes,
-            listener=listener,
-            delivery=delivery,
-            dns=dns,
-            top=top,
-            destinations=destinations,
-        )
+        server = new_sluice(workdir, **config)
         servers.append(server)
         if start:
             server.start()

@@ -259,6 +259,28 @@ def write_config(
 # -- a raw SMTP client, for bytes smtplib would not send ----------------------------------------
 
 
+def new_sluice(workdir: Path, **config: Any) -> Sluice:
+    """A Sluice in `workdir`, on a free port of 127.0.0.1, with its configuration written
+    by `write_config(**config)` (routes=, listener=, delivery=, ...); not started."""
+    port = free_port()
+    server = Sluice(
+        workdir=workdir,
+        config_path=workdir / "sluice.toml",
+        data_dir=workdir / "data",
+        log_path=workdir / "events.jsonl",
+        host="127.0.0.1",
+        port=port,
+    )
+    write_config(
+        server.config_path,
+        data_dir=server.data_dir,
+        log_path=server.log_path,
+        port=port,
+        **config,
+    )
+    return server
+
+
 class RawSmtp:
     """A line-level SMTP client over a plain socket: send exact bytes, read whole replies."""
 

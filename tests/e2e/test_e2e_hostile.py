@@ -43,9 +43,9 @@ from tests.e2e.harness import (
     WireSink,
     free_port,
     loopback_hosts,
+    new_sluice,
     route_to,
     wait_until,
-    write_config,
 )
 
 if TYPE_CHECKING:
@@ -79,23 +79,7 @@ def nexthop() -> Iterator[WireSink]:
 
 
 def _start_sluice(workdir: Path, nexthop: WireSink, listener: dict[str, object]) -> Sluice:
-    port = free_port()
-    server = Sluice(
-        workdir=workdir,
-        config_path=workdir / "sluice.toml",
-        data_dir=workdir / "data",
-        log_path=workdir / "events.jsonl",
-        host="127.0.0.1",
-        port=port,
-    )
-    write_config(
-        server.config_path,
-        data_dir=server.data_dir,
-        log_path=server.log_path,
-        port=port,
-        routes={"*": route_to(nexthop)},
-        listener=listener,
-    )
+    server = new_sluice(workdir, routes={"*": route_to(nexthop)}, listener=listener)
     server.start()
     return server
 
