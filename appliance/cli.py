@@ -25,9 +25,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance import __version__
 from appliance.config import Config, ConfigError, load_config
@@ -109,18 +109,34 @@ def _queue_rows(config: Config) -> list[dict[str, Any]] | str:
     return rows
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
+_Doc = TypeVar("_Doc", list[dict[str, Any]], dict[str, Any])
+
+
+def _read_state(args: argparse.Namespace, reader: Callable[[Config], _Doc | str]) -> _Doc | int:
+    """What `reader` finds under the configured data directory, or the exit code after
+    saying why there is nothing to show (a bad config, no queue, ...)."""
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    rows = _queue_rows(config)
-    if isinstance(rows, str):
-        print(rows, file=sys.stderr)
+    doc = reader(config)
+    if isinstance(doc, str):
+        print(doc, file=sys.stderr)
         return EXIT_FAILURE
+    return doc
+
+
+def _print_json(doc: object) -> int:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    rows = _read_state(args, _queue_rows)
+    if isinstance(rows, int):
+        return rows
     if args.json:
-        json.dump(rows, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
-        return EXIT_OK
+        return _print_json(rows)
     if not rows:
         print("queue is empty")
         return EXIT_OK
@@ -211,17 +227,11 @@ def _process_alive(pid: int) -> bool:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    doc = _hosts_rows(config)
-    if isinstance(doc, str):
-        print(doc, file=sys.stderr)
-        return EXIT_FAILURE
+    doc = _read_state(args, _hosts_rows)
+    if isinstance(doc, int):
+        return doc
     if args.json:
-        json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
-        return EXIT_OK
+        return _print_json(doc)
     rows = doc["destinations"]
     when = doc["updated"] or "never (no snapshot: sluice has not run here)"
     print(f"state as of {when}; counts since {doc['started'] or '-'}")
