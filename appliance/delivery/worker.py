@@ -49,15 +49,15 @@ import uvloop
 from appliance import eventlog
 from appliance.config import Config, process_share
 from appliance.delivery.routing import Router
-from appliance.delivery.scheduler import DeliveryScheduler
+from appliance.delivery.scheduler import DISPATCH_INTERVAL, DeliveryScheduler
 from appliance.eventlog import log_event
 from appliance.queue import Queue
 
 _PR_SET_PDEATHSIG = 1
 WAKE = b"w"
-# The shortest time between two wake-ups of the delivery processes (seconds), as the
-# scheduler's DISPATCH_INTERVAL: new mail waits at most this long for its first attempt.
-WAKE_INTERVAL = 0.01
+# The shortest time between two wake-ups of the delivery processes: the scheduler's own
+# pace (it starts at most one dispatch round per DISPATCH_INTERVAL anyway).
+WAKE_INTERVAL = DISPATCH_INTERVAL
 
 
 def _die_with_parent(parent: int) -> None:
