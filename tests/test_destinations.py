@@ -18,9 +18,7 @@ import pytest
 
 from appliance.config import (
     BounceProfile,
-    Config,
     ConfigError,
-    DeliveryConfig,
     DestinationConfig,
     Route,
     load_config,
@@ -30,7 +28,7 @@ from appliance.delivery.routing import Router
 from appliance.delivery.scheduler import DeliveryScheduler
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 from tests.conftest import SinkFactory, free_port, loopback_hosts
-from tests.delivery_support import T0, Clock, hop, scheduler
+from tests.delivery_support import T0, Clock, hop, make_config, scheduler
 from tests.smtp_recorder import (
     Recorder,
     make_ca,
@@ -40,27 +38,6 @@ from tests.smtp_recorder import (
 )
 
 BODY = b"Subject: test\r\nFrom: alice@example.org\r\n\r\nline\r\n"
-
-
-def make_config(
-    tmp_path: Path,
-    routes: dict[str, Route],
-    destinations: dict[str, DestinationConfig] | None = None,
-    profiles: dict[str, BounceProfile] | None = None,
-    **delivery: Any,
-) -> Config:
-    return Config(
-        source="test",
-        hostname="mta.test",
-        data_dir=tmp_path,
-        routes=routes,
-        durable=False,
-        dns_servers=(("127.0.0.1", free_port()),),
-        dns_timeout=1.0,
-        delivery=DeliveryConfig(connect_timeout=3, command_timeout=5, data_timeout=5, **delivery),
-        destinations=destinations or {},
-        bounce_profiles=profiles or {},
-    )
 
 
 async def submit(

@@ -21,9 +21,8 @@ from typing import Any
 from appliance.config import BounceProfile
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
 from tests.conftest import SinkFactory, decoded_text, dsn_fields, mime_parts, parse_message
-from tests.delivery_support import T0, Clock, hop, scheduler
+from tests.delivery_support import T0, Clock, hop, make_config, scheduler
 from tests.smtp_recorder import start_recorder
-from tests.test_destinations import make_config
 
 BODY = b"Subject: report me\r\nFrom: alice@example.org\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n"
 

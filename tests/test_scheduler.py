@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.config import Config, DeliveryConfig, Route
+from appliance.config import Route
 from appliance.delivery.routing import Router
 from appliance.delivery.scheduler import DeliveryScheduler
 from appliance.queue import MessageRecord, Queue, RecipientRecord, new_queue_id
@@ -23,31 +23,13 @@ from tests.conftest import (
     loopback_hosts,
     parse_message,
 )
-from tests.delivery_support import T0, Clock, scheduler
+from tests.delivery_support import T0, Clock, make_config, scheduler
 
 BODY = b"Subject: test\r\nFrom: alice@example.org\r\n\r\nline\r\n.dot\r\n"
 
 
 def route(sink: Sink) -> Route:
     return Route(hosts=((sink.host, sink.port),))
-
-
-def make_config(
-    tmp_path: Path, routes: dict[str, Route], dns: tuple[str, int] | None = None, **kw: Any
-) -> Config:
-    top = {k: kw.pop(k) for k in ("max_queue_time", "postmaster") if k in kw}
-    delivery = DeliveryConfig(connect_timeout=3, command_timeout=5, data_timeout=5, **kw)
-    return Config(
-        source="test",
-        hostname="mta.test",
-        data_dir=tmp_path,
-        routes=routes,
-        durable=False,
-        dns_servers=(dns or ("127.0.0.1", free_port()),),
-        dns_timeout=1.0,
-        delivery=delivery,
-        **top,
-    )
 
 
 async def submit(
@@ -192,7 +174,7 @@ async def test_mx_from_dns_with_backup(
         mx=[("mx.test", "primary.mx.test", 10), ("mx.test", "backup.mx.test", 20)],
         hosts=[("primary.mx.test", dead), ("backup.mx.test", live)],
     )
-    config = make_config(tmp_path, {}, dns.address, mx_port=port)
+    config = make_config(tmp_path, {}, dns=dns.address, mx_port=port)
     async with scheduler(tmp_path, config) as (sched, queue):
         await submit(queue, "alice@example.org", ["a@mx.test"], time.time())
         await sched.run_once()
@@ -205,7 +187,7 @@ async def test_dns_permanent_failure_bounces(
 ) -> None:
     home = smtp_sink()
     dns = dns_server(mx=[("null.test", ".", 0)])
-    config = make_config(tmp_path, {"example.org": route(home)}, dns.address)
+    config = make_config(tmp_path, {"example.org": route(home)}, dns=dns.address)
     async with scheduler(tmp_path, config) as (sched, queue):
         await submit(queue, "alice@example.org", ["a@null.test", "b@nx.test"], time.time())
         await sched.run_once()
