@@ -80,10 +80,16 @@ def ehlo_keywords(lines: Lines, sock: socket.socket) -> list[bytes]:
 
 
 def handshake(
-    sock: socket.socket, lines: Lines, context: ssl.SSLContext, name: str = HOSTNAME
+    sock: socket.socket,
+    lines: Lines,
+    context: ssl.SSLContext,
+    name: str = HOSTNAME,
+    injected: bytes = b"",
 ) -> ssl.SSLSocket:
+    """EHLO, STARTTLS and the TLS handshake; `injected` rides in the same write as the
+    STARTTLS command (the command-injection attack of RFC 3207 section 4.2)."""
     assert b"STARTTLS" in ehlo_keywords(lines, sock)
-    sock.sendall(b"STARTTLS\r\n")
+    sock.sendall(b"STARTTLS\r\n" + injected)
     assert lines.reply() == [b"220 2.0.0 Ready to start TLS"]
     tls = context.wrap_socket(sock, server_hostname=name)
     lines.rebind(tls)
@@ -248,12 +254,8 @@ def test_injected_mail_before_the_handshake_opens_no_transaction(
     with server.connect() as sock:
         lines = Lines(sock)
         assert lines.code() == 220
-        assert b"STARTTLS" in ehlo_keywords(lines, sock)
         # One write: the MAIL rides in the same segment as STARTTLS.
-        sock.sendall(b"STARTTLS\r\nMAIL FROM:<x@example.org>\r\n")
-        assert lines.reply() == [b"220 2.0.0 Ready to start TLS"]
-        tls = client_context().wrap_socket(sock, server_hostname=HOSTNAME)
-        lines.rebind(tls)
+        tls = handshake(sock, lines, client_context(), injected=b"MAIL FROM:<x@example.org>\r\n")
         tls.sendall(b"RCPT TO:<y@example.org>\r\n")
         # The first reply after the handshake answers RCPT: no 250 for the injected MAIL.
         reply = lines.reply()
@@ -267,11 +269,7 @@ def test_injected_rset_reply_never_appears(sluice_server: ServerFactory) -> None
     with server.connect() as sock:
         lines = Lines(sock)
         assert lines.code() == 220
-        assert b"STARTTLS" in ehlo_keywords(lines, sock)
-        sock.sendall(b"STARTTLS\r\nRSET\r\n")
-        assert lines.reply() == [b"220 2.0.0 Ready to start TLS"]
-        tls = client_context().wrap_socket(sock, server_hostname=HOSTNAME)
-        lines.rebind(tls)
+        tls = handshake(sock, lines, client_context(), injected=b"RSET\r\n")
         # No EHLO after the handshake: require_helo is off, so MAIL is fine at once.
         tls.sendall(b"MAIL FROM:<x@example.org>\r\nNOOP\r\n")
         assert lines.reply()[-1].startswith(b"250 2.1.0"), "first reply must answer MAIL"
