@@ -816,29 +816,24 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
 
     tables: list[Table] = []
+
+    def publish(table: Table) -> None:
+        if not args.quick:
+            judge(table, facts)
+        tables.append(table)
+        print(render(table), "\n", flush=True)
+
     try:
         inbound = [n for n in scenarios if n in (1, 2, 3, 4)]
         if inbound:
             with fleet(workdir / "fleet", servers) as f:
                 for n in inbound:
                     for load in scenario_loads(n, args.quick):
-                        table = inbound_table(n, load, f, opts, with_strace=opts.strace and n == 1)
-                        if not args.quick:
-                            judge(table, facts)
-                        tables.append(table)
-                        print(render(table), "\n", flush=True)
+                        publish(inbound_table(n, load, f, opts, with_strace=opts.strace and n == 1))
         if 5 in scenarios:
-            table = drain_table(workdir / "drain", opts)
-            if not args.quick:
-                judge(table, facts)
-            tables.append(table)
-            print(render(table), "\n", flush=True)
+            publish(drain_table(workdir / "drain", opts))
         if 6 in scenarios:
-            table = idle_table(workdir / "idle", opts)
-            if not args.quick:
-                judge(table, facts)
-            tables.append(table)
-            print(render(table), "\n", flush=True)
+            publish(idle_table(workdir / "idle", opts))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
